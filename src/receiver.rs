@@ -1,0 +1,1 @@
+//! The reference receiver (`outboxd receive`). Being written.

@@ -1,0 +1,331 @@
+//! The upload token: where it is read from, what makes it invalid, and the
+//! `Token` type that keeps its value out of logs, errors and panics.
+//!
+//! Sources are tried in a fixed order and the first hit wins: the configured
+//! `token_file`, then `$CREDENTIALS_DIRECTORY/outboxd-token` (systemd
+//! `LoadCredential=`), then the environment variable named by `token_env`.
+
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+/// File name of the token under systemd's `$CREDENTIALS_DIRECTORY`.
+pub const CREDENTIAL_NAME: &str = "outboxd-token";
+
+/// A bearer token. `Debug` and `Display` print a placeholder, so that the value
+/// cannot reach a log line or a panic message by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    /// Returns the token for the `Authorization` header. Call it only there.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Returns the first 8 hex digits of the SHA-256 of the token, which lets an
+    /// operator compare tokens without showing them.
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.0.as_bytes());
+        hex::encode(&digest[..4])
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where a token came from, for messages that must name the source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSource {
+    File(PathBuf),
+    Credential(PathBuf),
+    Env(String),
+}
+
+impl fmt::Display for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TokenSource::File(path) => write!(f, "token file {}", path.display()),
+            TokenSource::Credential(path) => write!(f, "systemd credential {}", path.display()),
+            TokenSource::Env(name) => write!(f, "environment variable {name}"),
+        }
+    }
+}
+
+/// The outcome of a token lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenLookup {
+    Found {
+        token: Token,
+        source: TokenSource,
+        /// Problems that do not stop the upload, such as a group-readable file.
+        warnings: Vec<String>,
+    },
+    /// No source has a token. The text says which sources were tried.
+    Missing(String),
+    /// A source has a value that cannot be a token. The text names the source and
+    /// the problem, never the value.
+    Invalid(String),
+}
+
+/// Configured token sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenConfig {
+    pub token_file: Option<PathBuf>,
+    pub token_env: String,
+}
+
+/// Looks the token up in the order of the module docs. `credentials_dir` and
+/// `env` are passed in so that tests can supply them.
+pub fn lookup(
+    config: &TokenConfig,
+    credentials_dir: Option<&Path>,
+    env: impl Fn(&str) -> Option<String>,
+) -> TokenLookup {
+    if let Some(path) = &config.token_file {
+        // An explicit token file is never skipped in favour of other sources: a
+        // missing file is a deployment fault that the operator must see.
+        return read_file_source(path, TokenSource::File(path.clone()));
+    }
+    if let Some(dir) = credentials_dir {
+        let path = dir.join(CREDENTIAL_NAME);
+        if path.exists() {
+            return read_file_source(&path, TokenSource::Credential(path.clone()));
+        }
+    }
+    match env(&config.token_env) {
+        Some(value) => {
+            let source = TokenSource::Env(config.token_env.clone());
+            match validate(&value) {
+                Ok(token) => TokenLookup::Found { token, source, warnings: Vec::new() },
+                Err(problem) => TokenLookup::Invalid(format!("the token in {source} is invalid: {problem}")),
+            }
+        }
+        None => {
+            let credential = match credentials_dir {
+                Some(dir) => format!("{} does not exist", dir.join(CREDENTIAL_NAME).display()),
+                None => "CREDENTIALS_DIRECTORY is not set".to_string(),
+            };
+            TokenLookup::Missing(format!(
+                "no token configured: token_file is not set, {credential}, and the environment \
+                 variable {} is not set; set token_file or {} (or token_env)",
+                config.token_env, config.token_env
+            ))
+        }
+    }
+}
+
+/// Looks the token up with the process environment.
+pub fn lookup_from_process(config: &TokenConfig) -> TokenLookup {
+    let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    lookup(config, credentials_dir.as_deref(), |name| std::env::var(name).ok())
+}
+
+fn read_file_source(path: &Path, source: TokenSource) -> TokenLookup {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return TokenLookup::Missing(format!(
+                "{source} does not exist; create it with the upload token (mode 0600), \
+                 the daemon starts as soon as it appears"
+            ));
+        }
+        Err(err) => {
+            return TokenLookup::Invalid(format!(
+                "{source} cannot be read: {err}; make it readable by this user (mode 0600)"
+            ));
+        }
+    };
+    let Ok(text) = String::from_utf8(bytes) else {
+        return TokenLookup::Invalid(format!("the token in {source} is invalid: it is not valid UTF-8"));
+    };
+    match validate(&text) {
+        Ok(token) => TokenLookup::Found { token, warnings: permission_warnings(path), source },
+        Err(problem) => TokenLookup::Invalid(format!("the token in {source} is invalid: {problem}")),
+    }
+}
+
+/// Warns about a token file that other users can read or that another user owns.
+pub fn permission_warnings(path: &Path) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return warnings;
+    };
+    let mode = metadata.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        warnings.push(format!(
+            "token file {} has mode {mode:04o}, so other users can read it; run chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if metadata.uid() != uid {
+        warnings.push(format!(
+            "token file {} is owned by uid {}, not by this user (uid {uid}); another user can change the token",
+            path.display(),
+            metadata.uid()
+        ));
+    }
+    warnings
+}
+
+/// Checks the syntax of a token value after trimming surrounding whitespace and
+/// one trailing newline. The error names the problem, never the value.
+pub fn validate(raw: &str) -> Result<Token, &'static str> {
+    let value = raw.trim();
+    if value.is_empty() {
+        return Err("it is empty");
+    }
+    if value.contains('\n') || value.contains('\r') {
+        return Err("it has several lines or a carriage return; write the token on one line");
+    }
+    if value.chars().any(char::is_control) {
+        return Err("it contains a control character");
+    }
+    let quotes = ['"', '\''];
+    if value.starts_with(quotes) || value.ends_with(quotes) {
+        return Err("it is surrounded by quotes; write the bare token without quotes");
+    }
+    if value.starts_with("export ") || is_assignment(value) {
+        return Err("it is a shell assignment (NAME=value); write only the token itself");
+    }
+    if has_variable_reference(value) {
+        return Err("it contains a $NAME or ${NAME} reference, which is not expanded; write the token itself");
+    }
+    if value.chars().any(char::is_whitespace) {
+        return Err("it contains whitespace");
+    }
+    Ok(Token(value.to_string()))
+}
+
+/// `NAME=value` where NAME looks like a shell variable name. Tokens from most
+/// issuers are base64 or hex and may end in `=` padding, which this does not match.
+fn is_assignment(value: &str) -> bool {
+    let Some((name, rest)) = value.split_once('=') else {
+        return false;
+    };
+    !rest.is_empty()
+        && !name.is_empty()
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.chars().any(|c| c.is_ascii_uppercase() || c == '_')
+        && name.chars().all(|c| !c.is_ascii_lowercase())
+}
+
+fn has_variable_reference(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'$'
+            && bytes
+                .get(i + 1)
+                .is_some_and(|&next| next == b'{' || next.is_ascii_alphabetic() || next == b'_')
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_table() {
+        let cases: &[(&str, bool)] = &[
+            ("abc123", true),
+            ("abc123\n", true),
+            ("  abc123  \n", true),
+            ("dGVzdA==", true),
+            ("tok-en_1.2~x", true),
+            ("", false),
+            ("   \n", false),
+            ("\"abc\"", false),
+            ("'abc'", false),
+            ("\"abc", false),
+            ("abc'", false),
+            ("export TOKEN=abc", false),
+            ("OUTBOXD_TOKEN=abc", false),
+            ("$TOKEN", false),
+            ("${TOKEN}", false),
+            ("abc$HOME", false),
+            ("abc\r", false),
+            ("abc\r\ndef", false),
+            ("abc\ndef", false),
+            ("ab\u{7}c", false),
+            ("ab c", false),
+        ];
+        for (input, valid) in cases {
+            assert_eq!(validate(input).is_ok(), *valid, "validate({input:?})");
+        }
+    }
+
+    #[test]
+    fn errors_never_contain_value() {
+        for input in ["\"s3cr3t-value\"", "export X=s3cr3t-value", "s3cr3t-value$HOME", "s3cr3t-value\nx"] {
+            let problem = validate(input).unwrap_err();
+            assert!(!problem.contains("s3cr3t"), "{problem}");
+        }
+    }
+
+    #[test]
+    fn debug_and_display_are_redacted() {
+        let token = validate("s3cr3t-value").unwrap();
+        assert!(!format!("{token:?}").contains("s3cr3t"));
+        assert!(!format!("{token}").contains("s3cr3t"));
+        assert_eq!(token.fingerprint().len(), 8);
+    }
+
+    #[test]
+    fn configured_missing_file_is_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = TokenConfig { token_file: Some(dir.path().join("absent")), token_env: "T".into() };
+        let result = lookup(&config, None, |_| Some("from-env".into()));
+        match result {
+            TokenLookup::Missing(text) => assert!(text.contains("absent"), "{text}"),
+            other => panic!("expected Missing, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn credential_wins_over_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CREDENTIAL_NAME), "from-credential\n").unwrap();
+        let config = TokenConfig { token_file: None, token_env: "T".into() };
+        let result = lookup(&config, Some(dir.path()), |_| Some("from-env".into()));
+        match result {
+            TokenLookup::Found { token, source, .. } => {
+                assert_eq!(token.expose(), "from-credential");
+                assert!(matches!(source, TokenSource::Credential(_)));
+            }
+            other => panic!("expected Found, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn environment_invalid_names_variable() {
+        let config = TokenConfig { token_file: None, token_env: "RPA_TOKEN_ADMIN".into() };
+        match lookup(&config, None, |_| Some("\"quoted\"".into())) {
+            TokenLookup::Invalid(text) => {
+                assert!(text.contains("RPA_TOKEN_ADMIN"), "{text}");
+                assert!(!text.contains("quoted\""), "{text}");
+            }
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn missing_everywhere_is_missing() {
+        let config = TokenConfig { token_file: None, token_env: "OUTBOXD_TOKEN".into() };
+        assert!(matches!(lookup(&config, None, |_| None), TokenLookup::Missing(_)));
+    }
+}
