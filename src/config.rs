@@ -151,11 +151,34 @@ impl RawSettings {
     /// Returns `self` with every value that `high` sets replaced by it.
     pub fn overlay(self, high: RawSettings) -> RawSettings {
         overlay_fields!(
-            self, high, outbox, state_dir, server_url, token_file, token_env, concurrency,
-            on_success, include, settle_ms, reject_after_ms, rescan_ms, backoff_initial_ms,
-            backoff_multiplier, backoff_max_ms, unreachable_max_ms, auth_probe_ms,
-            retry_after_max_ms, shutdown_grace_ms, uploaded_retention_ms, connect_timeout_ms,
-            read_timeout_ms, fields, file_field, session_field, allow_insecure_http, ca_file,
+            self,
+            high,
+            outbox,
+            state_dir,
+            server_url,
+            token_file,
+            token_env,
+            concurrency,
+            on_success,
+            include,
+            settle_ms,
+            reject_after_ms,
+            rescan_ms,
+            backoff_initial_ms,
+            backoff_multiplier,
+            backoff_max_ms,
+            unreachable_max_ms,
+            auth_probe_ms,
+            retry_after_max_ms,
+            shutdown_grace_ms,
+            uploaded_retention_ms,
+            connect_timeout_ms,
+            read_timeout_ms,
+            fields,
+            file_field,
+            session_field,
+            allow_insecure_http,
+            ca_file,
             log_format
         )
     }
@@ -198,7 +221,9 @@ impl RawSettings {
         match RawSettings::deserialize(toml::Value::Table(table)) {
             Ok(raw) => raw,
             Err(err) => {
-                problems.push(format!("the OUTBOXD_* environment variables are invalid: {err}"));
+                problems.push(format!(
+                    "the OUTBOXD_* environment variables are invalid: {err}"
+                ));
                 RawSettings::default()
             }
         }
@@ -269,7 +294,10 @@ pub fn config_path(flag: Option<&Path>, env: &impl Fn(&str) -> Option<String>) -
     if let Some(path) = env("OUTBOXD_CONFIG").filter(|p| !p.is_empty()) {
         return (PathBuf::from(path), true);
     }
-    (xdg_dir(env, "XDG_CONFIG_HOME", ".config").join("outboxd/config.toml"), false)
+    (
+        xdg_dir(env, "XDG_CONFIG_HOME", ".config").join("outboxd/config.toml"),
+        false,
+    )
 }
 
 fn xdg_dir(env: &impl Fn(&str) -> Option<String>, variable: &str, fallback: &str) -> PathBuf {
@@ -342,7 +370,9 @@ fn resolve(
         None | Some("delete") => OnSuccess::Delete,
         Some("move") => OnSuccess::Move,
         Some(other) => {
-            problems.push(format!("on_success = {other:?} is invalid: use \"delete\" or \"move\""));
+            problems.push(format!(
+                "on_success = {other:?} is invalid: use \"delete\" or \"move\""
+            ));
             OnSuccess::Delete
         }
     };
@@ -350,7 +380,9 @@ fn resolve(
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
         Some(other) => {
-            problems.push(format!("log_format = {other:?} is invalid: use \"text\" or \"json\""));
+            problems.push(format!(
+                "log_format = {other:?} is invalid: use \"text\" or \"json\""
+            ));
             LogFormat::Text
         }
     };
@@ -358,7 +390,9 @@ fn resolve(
         None => 2,
         Some(n) if (1..=256).contains(&n) => n as usize,
         Some(n) => {
-            problems.push(format!("concurrency = {n} is invalid: use a number from 1 to 256"));
+            problems.push(format!(
+                "concurrency = {n} is invalid: use a number from 1 to 256"
+            ));
             2
         }
     };
@@ -366,7 +400,9 @@ fn resolve(
         None => 2.0,
         Some(m) if (1.0..=100.0).contains(&m) => m,
         Some(m) => {
-            problems.push(format!("backoff_multiplier = {m} is invalid: use a number from 1.0 to 100.0"));
+            problems.push(format!(
+                "backoff_multiplier = {m} is invalid: use a number from 1.0 to 100.0"
+            ));
             2.0
         }
     };
@@ -374,16 +410,28 @@ fn resolve(
     if let Err(err) = crate::intake::IncludeMatcher::new(&include) {
         problems.push(format!("include = {include:?} is not a valid glob: {err}"));
     }
-    for (key, value) in [("file_field", &raw.file_field), ("session_field", &raw.session_field)] {
-        if value.as_deref().is_some_and(|v| v.is_empty() || v.contains(['"', '\r', '\n'])) {
-            problems.push(format!("{key} is invalid: use a non-empty name without quotes or line breaks"));
+    for (key, value) in [
+        ("file_field", &raw.file_field),
+        ("session_field", &raw.session_field),
+    ] {
+        if value
+            .as_deref()
+            .is_some_and(|v| v.is_empty() || v.contains(['"', '\r', '\n']))
+        {
+            problems.push(format!(
+                "{key} is invalid: use a non-empty name without quotes or line breaks"
+            ));
         }
     }
 
     let settings = Settings {
         config_path,
-        outbox: raw.outbox.unwrap_or_else(|| xdg_dir(env, "XDG_DATA_HOME", ".local/share").join("outboxd/outbox")),
-        state_dir: raw.state_dir.unwrap_or_else(|| xdg_dir(env, "XDG_STATE_HOME", ".local/state").join("outboxd")),
+        outbox: raw.outbox.unwrap_or_else(|| {
+            xdg_dir(env, "XDG_DATA_HOME", ".local/share").join("outboxd/outbox")
+        }),
+        state_dir: raw
+            .state_dir
+            .unwrap_or_else(|| xdg_dir(env, "XDG_STATE_HOME", ".local/state").join("outboxd")),
         server_url: raw.server_url.filter(|url| !url.trim().is_empty()),
         token: TokenConfig {
             token_file: raw.token_file,
@@ -407,7 +455,9 @@ fn resolve(
         read_timeout: ms(raw.read_timeout_ms, 60_000).max(Duration::from_millis(1)),
         fields: raw.fields.unwrap_or_default(),
         file_field: raw.file_field.unwrap_or_else(|| "file".to_string()),
-        session_field: raw.session_field.unwrap_or_else(|| "session_id".to_string()),
+        session_field: raw
+            .session_field
+            .unwrap_or_else(|| "session_id".to_string()),
         allow_insecure_http: raw.allow_insecure_http.unwrap_or(false),
         ca_file: raw.ca_file,
         log_format,
@@ -424,8 +474,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |name| map.get(name).cloned()
     }
 
@@ -433,7 +485,10 @@ mod tests {
     fn defaults_follow_xdg() {
         let loaded = load(None, RawSettings::default(), env_of(&[("HOME", "/home/u")]));
         let s = loaded.settings;
-        assert_eq!(s.outbox, PathBuf::from("/home/u/.local/share/outboxd/outbox"));
+        assert_eq!(
+            s.outbox,
+            PathBuf::from("/home/u/.local/share/outboxd/outbox")
+        );
         assert_eq!(s.state_dir, PathBuf::from("/home/u/.local/state/outboxd"));
         assert_eq!(s.concurrency, 2);
         assert_eq!(s.settle, Duration::from_millis(1000));
@@ -449,14 +504,27 @@ mod tests {
             "server_url = \"http://127.0.0.1:1/file\"\nconcurrency = 3\nsettle_ms = 10\n[fields]\nsite = \"lab\"\n",
         )
         .unwrap();
-        let env = env_of(&[("HOME", "/h"), ("OUTBOXD_CONCURRENCY", "5"), ("OUTBOXD_SETTLE_MS", "20")]);
-        let flags = RawSettings { settle_ms: Some(30), ..Default::default() };
+        let env = env_of(&[
+            ("HOME", "/h"),
+            ("OUTBOXD_CONCURRENCY", "5"),
+            ("OUTBOXD_SETTLE_MS", "20"),
+        ]);
+        let flags = RawSettings {
+            settle_ms: Some(30),
+            ..Default::default()
+        };
         let loaded = load(Some(&file), flags, env);
         assert!(loaded.problems.is_empty(), "{:?}", loaded.problems);
-        assert_eq!(loaded.settings.server_url.as_deref(), Some("http://127.0.0.1:1/file"));
+        assert_eq!(
+            loaded.settings.server_url.as_deref(),
+            Some("http://127.0.0.1:1/file")
+        );
         assert_eq!(loaded.settings.concurrency, 5);
         assert_eq!(loaded.settings.settle, Duration::from_millis(30));
-        assert_eq!(loaded.settings.fields.get("site").map(String::as_str), Some("lab"));
+        assert_eq!(
+            loaded.settings.fields.get("site").map(String::as_str),
+            Some("lab")
+        );
     }
 
     #[test]
@@ -464,20 +532,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("config.toml");
         std::fs::write(&file, "server-url = \"http://127.0.0.1/\"\n").unwrap();
-        let loaded = load(Some(&file), RawSettings::default(), env_of(&[("HOME", "/h")]));
-        assert!(loaded.problems.iter().any(|p| p.contains("server-url")), "{:?}", loaded.problems);
+        let loaded = load(
+            Some(&file),
+            RawSettings::default(),
+            env_of(&[("HOME", "/h")]),
+        );
+        assert!(
+            loaded.problems.iter().any(|p| p.contains("server-url")),
+            "{:?}",
+            loaded.problems
+        );
     }
 
     #[test]
     fn bad_env_value_names_variable() {
         let env = env_of(&[("HOME", "/h"), ("OUTBOXD_CONCURRENCY", "two")]);
         let loaded = load(None, RawSettings::default(), env);
-        assert!(loaded.problems.iter().any(|p| p.contains("OUTBOXD_CONCURRENCY")), "{:?}", loaded.problems);
+        assert!(
+            loaded
+                .problems
+                .iter()
+                .any(|p| p.contains("OUTBOXD_CONCURRENCY")),
+            "{:?}",
+            loaded.problems
+        );
     }
 
     #[test]
     fn missing_explicit_config_is_a_problem() {
-        let loaded = load(Some(Path::new("/nonexistent/outboxd.toml")), RawSettings::default(), env_of(&[]));
-        assert!(loaded.problems.iter().any(|p| p.contains("/nonexistent/outboxd.toml")));
+        let loaded = load(
+            Some(Path::new("/nonexistent/outboxd.toml")),
+            RawSettings::default(),
+            env_of(&[]),
+        );
+        assert!(loaded
+            .problems
+            .iter()
+            .any(|p| p.contains("/nonexistent/outboxd.toml")));
     }
 }

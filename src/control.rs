@@ -48,7 +48,13 @@ pub struct Reply {
 
 impl Reply {
     fn new() -> Reply {
-        Reply { version: env!("CARGO_PKG_VERSION").into(), error: None, status: None, items: None, retry: None }
+        Reply {
+            version: env!("CARGO_PKG_VERSION").into(),
+            error: None,
+            status: None,
+            items: None,
+            retry: None,
+        }
     }
 }
 
@@ -61,13 +67,25 @@ pub fn socket_path(state_dir: &Path) -> PathBuf {
 pub fn serve(state_dir: &Path, shared: Arc<Shared>) -> Result<tokio::task::JoinHandle<()>, String> {
     let path = socket_path(state_dir);
     if path.exists() {
-        std::fs::remove_file(&path)
-            .map_err(|err| format!("the old control socket {} cannot be removed: {err}", path.display()))?;
+        std::fs::remove_file(&path).map_err(|err| {
+            format!(
+                "the old control socket {} cannot be removed: {err}",
+                path.display()
+            )
+        })?;
     }
-    let listener = UnixListener::bind(&path)
-        .map_err(|err| format!("the control socket {} cannot be created: {err}", path.display()))?;
-    crate::daemon::set_socket_mode(&path)
-        .map_err(|err| format!("setting the mode of the control socket {} failed: {err}", path.display()))?;
+    let listener = UnixListener::bind(&path).map_err(|err| {
+        format!(
+            "the control socket {} cannot be created: {err}",
+            path.display()
+        )
+    })?;
+    crate::daemon::set_socket_mode(&path).map_err(|err| {
+        format!(
+            "setting the mode of the control socket {} failed: {err}",
+            path.display()
+        )
+    })?;
     Ok(tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -94,7 +112,10 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == uid => {}
         Ok(cred) => {
-            tracing::warn!(peer_uid = cred.uid(), "a control connection from another user was refused");
+            tracing::warn!(
+                peer_uid = cred.uid(),
+                "a control connection from another user was refused"
+            );
             return;
         }
         Err(err) => {
@@ -108,7 +129,9 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
     let reply = match tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await {
         Err(_) => error_reply("the request was not received in time"),
         Ok(Err(err)) => error_reply(&format!("reading the request failed: {err}")),
-        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST_BYTES => error_reply("the request is too large"),
+        Ok(Ok(_)) if line.len() as u64 > MAX_REQUEST_BYTES => {
+            error_reply("the request is too large")
+        }
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
             Ok(request) => answer(&shared, request),
             Err(err) => error_reply(&format!("the request is not valid: {err}")),
@@ -121,14 +144,26 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>) {
 }
 
 fn error_reply(message: &str) -> Reply {
-    Reply { error: Some(message.to_string()), ..Reply::new() }
+    Reply {
+        error: Some(message.to_string()),
+        ..Reply::new()
+    }
 }
 
 fn answer(shared: &Arc<Shared>, request: Request) -> Reply {
     match request {
-        Request::Status => Reply { status: Some(daemon::status_report(shared)), ..Reply::new() },
-        Request::List => Reply { items: Some(daemon::list_records(shared)), ..Reply::new() },
-        Request::Retry(retry) => Reply { retry: Some(daemon::retry(shared, &retry)), ..Reply::new() },
+        Request::Status => Reply {
+            status: Some(daemon::status_report(shared)),
+            ..Reply::new()
+        },
+        Request::List => Reply {
+            items: Some(daemon::list_records(shared)),
+            ..Reply::new()
+        },
+        Request::Retry(retry) => Reply {
+            retry: Some(daemon::retry(shared, &retry)),
+            ..Reply::new()
+        },
     }
 }
 
@@ -145,29 +180,39 @@ pub enum ClientError {
 pub async fn request(state_dir: &Path, request: &Request) -> Result<Reply, ClientError> {
     let path = socket_path(state_dir);
     let display = path.display().to_string();
-    let fail = |message: String| ClientError::Failed { path: display.clone(), message };
-    let mut stream = match tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(&path)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err))
-            if matches!(
-                err.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Err(ClientError::NotRunning(display));
-        }
-        Ok(Err(err)) => return Err(fail(err.to_string())),
-        Err(_) => return Err(fail("connecting timed out".into())),
+    let fail = |message: String| ClientError::Failed {
+        path: display.clone(),
+        message,
     };
+    let mut stream =
+        match tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(&path)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err))
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(ClientError::NotRunning(display));
+            }
+            Ok(Err(err)) => return Err(fail(err.to_string())),
+            Err(_) => return Err(fail("connecting timed out".into())),
+        };
     let mut bytes = serde_json::to_vec(request).map_err(|err| fail(err.to_string()))?;
     bytes.push(b'\n');
-    stream.write_all(&bytes).await.map_err(|err| fail(err.to_string()))?;
+    stream
+        .write_all(&bytes)
+        .await
+        .map_err(|err| fail(err.to_string()))?;
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
     match tokio::time::timeout(Duration::from_secs(30), reader.read_line(&mut line)).await {
-        Ok(Ok(0)) => Err(fail("the daemon closed the connection without a reply".into())),
+        Ok(Ok(0)) => Err(fail(
+            "the daemon closed the connection without a reply".into(),
+        )),
         Ok(Ok(_)) => {
-            let reply: Reply = serde_json::from_str(&line).map_err(|err| fail(format!("the reply is not valid: {err}")))?;
+            let reply: Reply = serde_json::from_str(&line)
+                .map_err(|err| fail(format!("the reply is not valid: {err}")))?;
             match &reply.error {
                 Some(error) => Err(fail(error.clone())),
                 None => Ok(reply),

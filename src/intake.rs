@@ -33,7 +33,10 @@ pub struct IncludeMatcher(GlobMatcher);
 
 impl IncludeMatcher {
     pub fn new(glob: &str) -> Result<IncludeMatcher, globset::Error> {
-        let glob = GlobBuilder::new(glob).case_insensitive(true).literal_separator(true).build()?;
+        let glob = GlobBuilder::new(glob)
+            .case_insensitive(true)
+            .literal_separator(true)
+            .build()?;
         Ok(IncludeMatcher(glob.compile_matcher()))
     }
 
@@ -91,7 +94,10 @@ enum Verdict {
     Known,
     /// Still changing, or not yet quiet for long enough: look again at `due`.
     /// `stat` is the size and mtime seen now.
-    Wait { due: Instant, stat: Option<(u64, i128)> },
+    Wait {
+        due: Instant,
+        stat: Option<(u64, i128)>,
+    },
     Queue(FileFacts),
     Reject(String),
 }
@@ -102,14 +108,22 @@ enum Verdict {
 pub async fn start(
     config: IntakeConfig,
     sink: Arc<dyn QueueSink>,
-) -> anyhow::Result<(mpsc::UnboundedSender<IntakeRequest>, tokio::task::JoinHandle<()>)> {
+) -> anyhow::Result<(
+    mpsc::UnboundedSender<IntakeRequest>,
+    tokio::task::JoinHandle<()>,
+)> {
     let (event_tx, event_rx) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event| {
         let _ = event_tx.send(event);
     })?;
     watcher
         .watch(&config.outbox, RecursiveMode::NonRecursive)
-        .map_err(|err| anyhow::anyhow!("watching the outbox {} failed: {err}", config.outbox.display()))?;
+        .map_err(|err| {
+            anyhow::anyhow!(
+                "watching the outbox {} failed: {err}",
+                config.outbox.display()
+            )
+        })?;
 
     let (request_tx, request_rx) = mpsc::unbounded_channel();
     let mut intake = Intake {
@@ -201,14 +215,18 @@ impl Intake {
         );
         let paths: Vec<PathBuf> = match event.kind {
             // Both carries [from, to]; only the destination is of interest.
-            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => event.paths.into_iter().skip(1).collect(),
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => {
+                event.paths.into_iter().skip(1).collect()
+            }
             _ => event.paths,
         };
         for path in paths {
             if path.parent() != Some(self.config.outbox.as_path()) {
                 continue;
             }
-            let Some(name) = path.file_name().map(OsStr::to_os_string) else { continue };
+            let Some(name) = path.file_name().map(OsStr::to_os_string) else {
+                continue;
+            };
             if removed {
                 self.candidates.remove(&name);
                 self.reported.remove(&name);
@@ -258,7 +276,8 @@ impl Intake {
     async fn rescan(&mut self, forget: bool) {
         let outbox = self.config.outbox.clone();
         let sink = self.sink.clone();
-        let listing = tokio::task::spawn_blocking(move || list_outbox(&outbox, sink.as_ref())).await;
+        let listing =
+            tokio::task::spawn_blocking(move || list_outbox(&outbox, sink.as_ref())).await;
         let (unknown, present) = match listing {
             Ok(Ok(listing)) => listing,
             Ok(Err(err)) => {
@@ -330,15 +349,23 @@ impl Intake {
                     self.candidates.remove(&name);
                     let shown = name.to_string_lossy().to_string();
                     match reject(&self.config.outbox, &name, &reason) {
-                        Ok(target) => tracing::warn!(file = %shown, reason = %reason, rejected = %target.display(), "rejected a file that is not a complete zip archive"),
-                        Err(err) => tracing::error!(file = %shown, reason = %reason, error = %err, "moving a broken file to rejected/ failed; it stays in the outbox"),
+                        Ok(target) => {
+                            tracing::warn!(file = %shown, reason = %reason, rejected = %target.display(), "rejected a file that is not a complete zip archive")
+                        }
+                        Err(err) => {
+                            tracing::error!(file = %shown, reason = %reason, error = %err, "moving a broken file to rejected/ failed; it stays in the outbox")
+                        }
                     }
                 }
                 Verdict::Wait { due, stat } => {
-                    let Some(candidate) = self.candidates.get_mut(&name) else { continue };
+                    let Some(candidate) = self.candidates.get_mut(&name) else {
+                        continue;
+                    };
                     // An event that arrived while the file was examined decides
                     // the next look itself.
-                    if candidate.changed_at != before.changed_at || candidate.closed != before.closed {
+                    if candidate.changed_at != before.changed_at
+                        || candidate.closed != before.closed
+                    {
                         continue;
                     }
                     if stat != before.seen {
@@ -354,7 +381,8 @@ impl Intake {
             }
         }
         // Entries logged once as left in place.
-        self.reported.retain(|name| self.config.outbox.join(name).symlink_metadata().is_ok());
+        self.reported
+            .retain(|name| self.config.outbox.join(name).symlink_metadata().is_ok());
     }
 }
 
@@ -363,7 +391,10 @@ pub fn mtime_ns(metadata: &std::fs::Metadata) -> i128 {
 }
 
 /// Lists the outbox: names not queued as they are now, and the UTF-8 names present.
-fn list_outbox(outbox: &Path, sink: &dyn QueueSink) -> std::io::Result<(Vec<OsString>, HashSet<String>)> {
+fn list_outbox(
+    outbox: &Path,
+    sink: &dyn QueueSink,
+) -> std::io::Result<(Vec<OsString>, HashSet<String>)> {
     let mut unknown = Vec::new();
     let mut present = HashSet::new();
     for entry in std::fs::read_dir(outbox)? {
@@ -372,7 +403,9 @@ fn list_outbox(outbox: &Path, sink: &dyn QueueSink) -> std::io::Result<(Vec<OsSt
         if let Some(text) = name.to_str() {
             present.insert(text.to_string());
         }
-        let Ok(metadata) = entry.metadata() else { continue };
+        let Ok(metadata) = entry.metadata() else {
+            continue;
+        };
         if metadata.is_dir() {
             // rejected/ and sent/ are the daemon's own; other folders are
             // reported once when examined.
@@ -380,9 +413,9 @@ fn list_outbox(outbox: &Path, sink: &dyn QueueSink) -> std::io::Result<(Vec<OsSt
                 continue;
             }
         }
-        let known = name
-            .to_str()
-            .is_some_and(|text| sink.is_known(text, metadata.len(), mtime_ns(&metadata), metadata.ino()));
+        let known = name.to_str().is_some_and(|text| {
+            sink.is_known(text, metadata.len(), mtime_ns(&metadata), metadata.ino())
+        });
         if !known {
             unknown.push(name);
         }
@@ -391,7 +424,12 @@ fn list_outbox(outbox: &Path, sink: &dyn QueueSink) -> std::io::Result<(Vec<OsSt
 }
 
 /// Decides what to do with one candidate. Runs on the blocking pool.
-fn examine(config: &IntakeConfig, sink: &dyn QueueSink, name: &OsStr, candidate: &Candidate) -> Verdict {
+fn examine(
+    config: &IntakeConfig,
+    sink: &dyn QueueSink,
+    name: &OsStr,
+    candidate: &Candidate,
+) -> Verdict {
     let path = config.outbox.join(name);
     let shown = name.to_string_lossy();
     let metadata = match path.symlink_metadata() {
@@ -420,11 +458,18 @@ fn examine(config: &IntakeConfig, sink: &dyn QueueSink, name: &OsStr, candidate:
     }
     let now = Instant::now();
     let stat = (metadata.len(), mtime_ns(&metadata));
-    let wait = |delay: Duration| Verdict::Wait { due: now + delay.max(Duration::from_millis(10)), stat: Some(stat) };
+    let wait = |delay: Duration| Verdict::Wait {
+        due: now + delay.max(Duration::from_millis(10)),
+        stat: Some(stat),
+    };
     // Quiet time: how long the size and mtime have been seen unchanged, or how
     // long ago the file was last modified, whichever is longer. The second lets
     // a file that was there at start count as written without waiting.
-    let observed = if candidate.seen == Some(stat) { now.duration_since(candidate.changed_at) } else { Duration::ZERO };
+    let observed = if candidate.seen == Some(stat) {
+        now.duration_since(candidate.changed_at)
+    } else {
+        Duration::ZERO
+    };
     let mtime_age = metadata
         .modified()
         .ok()
@@ -460,7 +505,9 @@ fn examine(config: &IntakeConfig, sink: &dyn QueueSink, name: &OsStr, candidate:
             return wait(config.settle.max(Duration::from_secs(5)));
         }
     };
-    let Ok(opened) = file.metadata() else { return wait(config.settle) };
+    let Ok(opened) = file.metadata() else {
+        return wait(config.settle);
+    };
     if !opened.is_file() || opened.ino() != metadata.ino() {
         return wait(config.settle);
     }
@@ -469,7 +516,11 @@ fn examine(config: &IntakeConfig, sink: &dyn QueueSink, name: &OsStr, candidate:
         if closed_and_quiet || quiet >= config.reject_after {
             return Verdict::Reject(problem.to_string());
         }
-        let limit = if candidate.closed { config.settle } else { config.reject_after };
+        let limit = if candidate.closed {
+            config.settle
+        } else {
+            config.reject_after
+        };
         return wait(limit.saturating_sub(quiet));
     }
     use std::io::Seek;
@@ -488,8 +539,14 @@ fn examine(config: &IntakeConfig, sink: &dyn QueueSink, name: &OsStr, candidate:
         Ok(after) => after,
         Err(_) => return wait(config.settle),
     };
-    if hashed != opened.len() || after.len() != opened.len() || mtime_ns(&after) != mtime_ns(&opened) {
-        return Verdict::Wait { due: Instant::now() + config.settle, stat: Some((after.len(), mtime_ns(&after))) };
+    if hashed != opened.len()
+        || after.len() != opened.len()
+        || mtime_ns(&after) != mtime_ns(&opened)
+    {
+        return Verdict::Wait {
+            due: Instant::now() + config.settle,
+            stat: Some((after.len(), mtime_ns(&after))),
+        };
     }
     Verdict::Queue(FileFacts {
         file: text_name.to_string(),
@@ -513,7 +570,10 @@ pub fn reject(outbox: &Path, name: &OsStr, reason: &str) -> std::io::Result<Path
     temp_name.push(&reason_name);
     temp_name.push(".tmp");
     let temp = folder.join(temp_name);
-    let line: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+    let line: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
     std::fs::write(&temp, format!("{line}\n"))?;
     std::fs::rename(&temp, &reason_path)?;
     Ok(target)
@@ -523,7 +583,11 @@ pub fn reject(outbox: &Path, name: &OsStr, reason: &str) -> std::io::Result<Path
 /// taken, without ever replacing an existing file. Returns the new path.
 pub fn move_no_replace(from: &Path, folder: &Path, name: &OsStr) -> std::io::Result<PathBuf> {
     for n in 0..10_000u32 {
-        let candidate = if n == 0 { name.to_os_string() } else { numbered(name, n) };
+        let candidate = if n == 0 {
+            name.to_os_string()
+        } else {
+            numbered(name, n)
+        };
         let target = folder.join(&candidate);
         let mut reason = candidate.clone();
         reason.push(".reason");
@@ -536,7 +600,11 @@ pub fn move_no_replace(from: &Path, folder: &Path, name: &OsStr) -> std::io::Res
             Err(err) => return Err(err),
         }
     }
-    Err(std::io::Error::other(format!("no free name for {} in {}", name.to_string_lossy(), folder.display())))
+    Err(std::io::Error::other(format!(
+        "no free name for {} in {}",
+        name.to_string_lossy(),
+        folder.display()
+    )))
 }
 
 fn numbered(name: &OsStr, n: u32) -> OsString {
@@ -562,7 +630,13 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     let to_c = CString::new(to.as_os_str().as_bytes())?;
     // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
     let rc = unsafe {
-        libc::renameat2(libc::AT_FDCWD, from_c.as_ptr(), libc::AT_FDCWD, to_c.as_ptr(), libc::RENAME_NOREPLACE)
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from_c.as_ptr(),
+            libc::AT_FDCWD,
+            to_c.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
     };
     if rc == 0 {
         return Ok(());
@@ -603,8 +677,16 @@ mod tests {
             reject(dir.path(), OsStr::new("bad.zip"), "not a zip").unwrap();
         }
         let folder = dir.path().join("rejected");
-        for (name, content) in [("bad.zip", "round 0"), ("bad.1.zip", "round 1"), ("bad.2.zip", "round 2")] {
-            assert_eq!(std::fs::read_to_string(folder.join(name)).unwrap(), content, "{name}");
+        for (name, content) in [
+            ("bad.zip", "round 0"),
+            ("bad.1.zip", "round 1"),
+            ("bad.2.zip", "round 2"),
+        ] {
+            assert_eq!(
+                std::fs::read_to_string(folder.join(name)).unwrap(),
+                content,
+                "{name}"
+            );
             let reason = std::fs::read_to_string(folder.join(format!("{name}.reason"))).unwrap();
             assert_eq!(reason, "not a zip\n");
         }

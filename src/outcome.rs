@@ -36,7 +36,10 @@ pub enum Outcome {
     Hold { kind: HoldKind, detail: String },
     /// The item backs off. `pause` is a server's Retry-After, which pauses the
     /// whole destination.
-    Transient { detail: String, pause: Option<Duration> },
+    Transient {
+        detail: String,
+        pause: Option<Duration>,
+    },
     /// The server could not be reached; the destination backs off and the item
     /// is not charged an attempt.
     Unreachable { detail: String },
@@ -179,7 +182,15 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     fn classify(status: u16, retry_after: Option<&str>) -> Outcome {
-        classify_response(status, "Reason", retry_after, None, "body text", HOUR, SystemTime::UNIX_EPOCH)
+        classify_response(
+            status,
+            "Reason",
+            retry_after,
+            None,
+            "body text",
+            HOUR,
+            SystemTime::UNIX_EPOCH,
+        )
     }
 
     fn class(outcome: &Outcome) -> &'static str {
@@ -222,7 +233,11 @@ mod tests {
             (501, "rejected"),
         ];
         for (status, expected) in cases {
-            assert_eq!(class(&classify(*status, None)), *expected, "status {status}");
+            assert_eq!(
+                class(&classify(*status, None)),
+                *expected,
+                "status {status}"
+            );
         }
     }
 
@@ -263,8 +278,21 @@ mod tests {
 
     #[test]
     fn rejected_reason_quotes_body() {
-        let outcome = classify_response(400, "Bad Request", None, None, "missing\nfield", HOUR, SystemTime::now());
-        assert_eq!(outcome, Outcome::Rejected { reason: "HTTP 400 Bad Request: missing field".into() });
+        let outcome = classify_response(
+            400,
+            "Bad Request",
+            None,
+            None,
+            "missing\nfield",
+            HOUR,
+            SystemTime::now(),
+        );
+        assert_eq!(
+            outcome,
+            Outcome::Rejected {
+                reason: "HTTP 400 Bad Request: missing field".into()
+            }
+        );
     }
 
     #[test]

@@ -51,7 +51,12 @@ impl Queue {
     /// upload died with the previous process. A next attempt further away than
     /// `max_delay` (the wall clock stepped back) counts as due.
     pub fn load(store: Store, max_delay: Duration) -> Result<Queue, StoreError> {
-        let mut queue = Queue { store, items: HashMap::new(), by_name: HashMap::new(), due: BTreeSet::new() };
+        let mut queue = Queue {
+            store,
+            items: HashMap::new(),
+            by_name: HashMap::new(),
+            due: BTreeSet::new(),
+        };
         let horizon = now_ms() + max_delay.as_millis() as u64;
         for mut record in queue.store.load_all()? {
             let mut dirty = false;
@@ -72,7 +77,9 @@ impl Queue {
                 queue.store.remove(old)?;
             }
             if record.state == ItemState::Pending {
-                queue.due.insert((record.next_attempt_at.unwrap_or(0), record.id));
+                queue
+                    .due
+                    .insert((record.next_attempt_at.unwrap_or(0), record.id));
             }
             queue.items.insert(record.id, record);
         }
@@ -140,7 +147,11 @@ impl Queue {
     /// Takes the pending item that is due first, if one is due at `now`, and
     /// marks it uploading. `ignore_backoff` takes the first pending item even if
     /// it is not due, for a probe.
-    pub fn take_due(&mut self, now: u64, ignore_backoff: bool) -> Result<Option<Record>, StoreError> {
+    pub fn take_due(
+        &mut self,
+        now: u64,
+        ignore_backoff: bool,
+    ) -> Result<Option<Record>, StoreError> {
         let Some(&(at, id)) = self.due.iter().next() else {
             return Ok(None);
         };
@@ -208,13 +219,19 @@ impl Queue {
     /// Returns how many were changed.
     pub fn clear_backoff(&mut self, ids: &[u64]) -> Result<usize, StoreError> {
         let targets: Vec<u64> = if ids.is_empty() {
-            self.due.iter().filter(|(at, _)| *at > 0).map(|&(_, id)| id).collect()
+            self.due
+                .iter()
+                .filter(|(at, _)| *at > 0)
+                .map(|&(_, id)| id)
+                .collect()
         } else {
             ids.to_vec()
         };
         let mut changed = 0;
         for id in targets {
-            let Some(record) = self.items.get_mut(&id) else { continue };
+            let Some(record) = self.items.get_mut(&id) else {
+                continue;
+            };
             if record.state != ItemState::Pending {
                 continue;
             }
@@ -282,14 +299,20 @@ impl Queue {
                 ItemState::Pending => {
                     counts.pending += 1;
                     counts.pending_bytes += record.size;
-                    counts.oldest_pending_at =
-                        Some(counts.oldest_pending_at.map_or(record.queued_at, |t| t.min(record.queued_at)));
+                    counts.oldest_pending_at = Some(
+                        counts
+                            .oldest_pending_at
+                            .map_or(record.queued_at, |t| t.min(record.queued_at)),
+                    );
                 }
                 ItemState::Uploading => {
                     counts.uploading += 1;
                     counts.pending_bytes += record.size;
-                    counts.oldest_pending_at =
-                        Some(counts.oldest_pending_at.map_or(record.queued_at, |t| t.min(record.queued_at)));
+                    counts.oldest_pending_at = Some(
+                        counts
+                            .oldest_pending_at
+                            .map_or(record.queued_at, |t| t.min(record.queued_at)),
+                    );
                 }
                 ItemState::Uploaded | ItemState::Rejected => {}
             }
@@ -317,7 +340,13 @@ mod tests {
     use super::*;
 
     fn facts(name: &str) -> FileFacts {
-        FileFacts { file: name.into(), size: 10, mtime_ns: 5, inode: 9, sha256: "ab".into() }
+        FileFacts {
+            file: name.into(),
+            size: 10,
+            mtime_ns: 5,
+            inode: 9,
+            sha256: "ab".into(),
+        }
     }
 
     fn open() -> (tempfile::TempDir, Queue) {
@@ -335,9 +364,14 @@ mod tests {
         let now = now_ms();
         let taken = queue.take_due(now, false).unwrap().unwrap();
         assert_eq!(taken.id, a);
-        queue.requeue(a, true, Some(now + 10_000), Some("HTTP 500".into())).unwrap();
+        queue
+            .requeue(a, true, Some(now + 10_000), Some("HTTP 500".into()))
+            .unwrap();
         assert_eq!(queue.take_due(now, false).unwrap().unwrap().id, b);
-        assert!(queue.take_due(now, false).unwrap().is_none(), "a is backing off");
+        assert!(
+            queue.take_due(now, false).unwrap().is_none(),
+            "a is backing off"
+        );
         assert_eq!(queue.get(a).unwrap().attempts, 1);
     }
 
@@ -345,12 +379,14 @@ mod tests {
     fn uploading_becomes_pending_on_load() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut queue = Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
+            let mut queue =
+                Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
             queue.accept(facts("a.zip")).unwrap();
             queue.take_due(now_ms(), false).unwrap().unwrap();
             queue.store().flush_blocking().unwrap();
         }
-        let queue = Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
+        let queue =
+            Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
         assert_eq!(queue.by_name("a.zip").unwrap().state, ItemState::Pending);
         assert_eq!(queue.counts().pending, 1);
     }
@@ -360,9 +396,16 @@ mod tests {
         let (_dir, mut queue) = open();
         let a = queue.accept(facts("a.zip")).unwrap();
         queue.take_due(now_ms(), false).unwrap();
-        queue.requeue(a, true, Some(now_ms() + 86_400_000), None).unwrap();
-        queue.clamp_future(now_ms(), Duration::from_secs(300)).unwrap();
-        assert_eq!(queue.take_due(now_ms(), false).unwrap().map(|r| r.id), Some(a));
+        queue
+            .requeue(a, true, Some(now_ms() + 86_400_000), None)
+            .unwrap();
+        queue
+            .clamp_future(now_ms(), Duration::from_secs(300))
+            .unwrap();
+        assert_eq!(
+            queue.take_due(now_ms(), false).unwrap().map(|r| r.id),
+            Some(a)
+        );
     }
 
     #[test]

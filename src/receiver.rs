@@ -24,6 +24,24 @@ impl Default for ReceiverOptions {
     }
 }
 
+pub async fn start(
+    _addr: std::net::SocketAddr,
+    _options: ReceiverOptions,
+) -> anyhow::Result<ReceiverHandle> {
+    anyhow::bail!("not built")
+}
+pub struct ReceiverHandle;
+impl ReceiverHandle {
+    pub fn addr(&self) -> std::net::SocketAddr {
+        unreachable!()
+    }
+    pub fn url(&self) -> &str {
+        ""
+    }
+    pub async fn stop(self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
 pub async fn serve(
     _listener: tokio::net::TcpListener,
     _options: ReceiverOptions,

@@ -46,7 +46,11 @@ mod tests {
     use super::*;
 
     fn schedule() -> Schedule {
-        Schedule { initial: Duration::from_secs(2), multiplier: 2.0, max: Duration::from_secs(300) }
+        Schedule {
+            initial: Duration::from_secs(2),
+            multiplier: 2.0,
+            max: Duration::from_secs(300),
+        }
     }
 
     #[test]
@@ -63,7 +67,10 @@ mod tests {
     #[test]
     fn delay_is_capped_forever() {
         for failures in [20, 100, 10_000, u32::MAX] {
-            assert!(schedule().delay(failures) <= Duration::from_secs(300), "failures={failures}");
+            assert!(
+                schedule().delay(failures) <= Duration::from_secs(300),
+                "failures={failures}"
+            );
         }
     }
 

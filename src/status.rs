@@ -101,7 +101,10 @@ pub fn exit_code(report: &StatusReport, now: std::time::SystemTime) -> i32 {
 /// Renders the one-screen text form.
 pub fn render_text(report: &StatusReport, now: std::time::SystemTime) -> String {
     let ago = |time: &Option<String>| -> String {
-        match time.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok()) {
+        match time
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+        {
             Some(at) => match now.duration_since(at) {
                 Ok(age) => format!("{} ago", short_duration(age)),
                 Err(err) => format!("in {}", short_duration(err.duration())),
@@ -121,7 +124,14 @@ pub fn render_text(report: &StatusReport, now: std::time::SystemTime) -> String 
         "NOT RUNNING (start it with `systemctl --user start outboxd` or `outboxd run`)".to_string()
     };
     out.push_str(&format!("daemon:       {daemon}\n"));
-    out.push_str(&format!("server:       {}\n", if report.server_url.is_empty() { "(server_url not set)" } else { &report.server_url }));
+    out.push_str(&format!(
+        "server:       {}\n",
+        if report.server_url.is_empty() {
+            "(server_url not set)"
+        } else {
+            &report.server_url
+        }
+    ));
 
     let auth = match report.auth.state.as_str() {
         "ok" => "ok".to_string(),
@@ -133,7 +143,10 @@ pub fn render_text(report: &StatusReport, now: std::time::SystemTime) -> String 
         out.push_str(&format!("              {detail}\n"));
     }
     if report.auth.next_probe_at.is_some() {
-        out.push_str(&format!("              next probe {}\n", ago(&report.auth.next_probe_at)));
+        out.push_str(&format!(
+            "              next probe {}\n",
+            ago(&report.auth.next_probe_at)
+        ));
     }
     if let Some(fingerprint) = &report.token_fingerprint {
         out.push_str(&format!("token:        fingerprint {fingerprint}\n"));
@@ -166,13 +179,21 @@ pub fn render_text(report: &StatusReport, now: std::time::SystemTime) -> String 
         q.rejected
     ));
     if q.oldest_pending_at.is_some() {
-        out.push_str(&format!("              oldest pending queued {}\n", ago(&q.oldest_pending_at)));
+        out.push_str(&format!(
+            "              oldest pending queued {}\n",
+            ago(&q.oldest_pending_at)
+        ));
     }
     if q.rejected > 0 {
-        out.push_str(&format!("              rejected files and reasons are in {}/rejected\n", report.outbox));
+        out.push_str(&format!(
+            "              rejected files and reasons are in {}/rejected\n",
+            report.outbox
+        ));
     }
     for upload in &report.uploads {
-        let percent = if upload.size == 0 { 100 } else { upload.bytes_sent * 100 / upload.size };
+        let percent = (upload.bytes_sent * 100)
+            .checked_div(upload.size)
+            .unwrap_or(100);
         out.push_str(&format!(
             "uploading:    {} [{}] {}% of {}\n",
             upload.file,
@@ -193,7 +214,11 @@ pub fn render_text(report: &StatusReport, now: std::time::SystemTime) -> String 
 
 fn progress_bar(percent: u64, width: u64) -> String {
     let filled = (percent.min(100) * width / 100) as usize;
-    format!("{}{}", "#".repeat(filled), "-".repeat(width as usize - filled))
+    format!(
+        "{}{}",
+        "#".repeat(filled),
+        "-".repeat(width as usize - filled)
+    )
 }
 
 /// Formats a byte count with a binary unit: `512 B`, `1.5 MiB`.
@@ -219,11 +244,33 @@ mod tests {
 
     fn report(running: bool, auth: &str, rejected: u64) -> StatusReport {
         StatusReport {
-            daemon: DaemonStatus { running, pid: Some(1), version: "0".into(), started_at: None },
+            daemon: DaemonStatus {
+                running,
+                pid: Some(1),
+                version: "0".into(),
+                started_at: None,
+            },
             server_url: "http://127.0.0.1/".into(),
-            auth: AuthStatus { state: auth.into(), since: None, detail: None, next_probe_at: None },
-            destination: DestinationStatus { state: "ok".into(), since: None, next_attempt_at: None, last_error: None },
-            queue: QueueStatus { pending: 0, uploading: 0, uploaded: 0, rejected, pending_bytes: 0, oldest_pending_at: None },
+            auth: AuthStatus {
+                state: auth.into(),
+                since: None,
+                detail: None,
+                next_probe_at: None,
+            },
+            destination: DestinationStatus {
+                state: "ok".into(),
+                since: None,
+                next_attempt_at: None,
+                last_error: None,
+            },
+            queue: QueueStatus {
+                pending: 0,
+                uploading: 0,
+                uploaded: 0,
+                rejected,
+                pending_bytes: 0,
+                oldest_pending_at: None,
+            },
             uploads: vec![],
             last_success_at: None,
             last_error: None,
@@ -249,9 +296,11 @@ mod tests {
         let now = SystemTime::now();
         let mut r = report(true, "ok", 0);
         r.destination.state = "unreachable".into();
-        r.destination.since = Some(humantime::format_rfc3339_seconds(now - Duration::from_secs(60)).to_string());
+        r.destination.since =
+            Some(humantime::format_rfc3339_seconds(now - Duration::from_secs(60)).to_string());
         assert_eq!(exit_code(&r, now), 0);
-        r.destination.since = Some(humantime::format_rfc3339_seconds(now - Duration::from_secs(700)).to_string());
+        r.destination.since =
+            Some(humantime::format_rfc3339_seconds(now - Duration::from_secs(700)).to_string());
         assert_eq!(exit_code(&r, now), 2);
     }
 

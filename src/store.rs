@@ -138,7 +138,10 @@ impl Store {
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Err(source) => {
-                    return Err(StoreError::Open { path: path.display().to_string(), source })
+                    return Err(StoreError::Open {
+                        path: path.display().to_string(),
+                        source,
+                    })
                 }
             }
         };
@@ -184,7 +187,8 @@ impl Store {
 
     /// Writes a record (insert or replace).
     pub fn put(&self, record: &Record) -> Result<(), StoreError> {
-        self.items.insert(record.id.to_be_bytes(), serde_json::to_vec(record)?)?;
+        self.items
+            .insert(record.id.to_be_bytes(), serde_json::to_vec(record)?)?;
         Ok(())
     }
 
@@ -212,7 +216,11 @@ impl Store {
 
     /// Count of uploads since the state dir was created.
     pub fn uploaded_total(&self) -> Result<u64, StoreError> {
-        Ok(self.meta.get("uploaded_total")?.map(|v| be_u64(&v)).unwrap_or(0))
+        Ok(self
+            .meta
+            .get("uploaded_total")?
+            .map(|v| be_u64(&v))
+            .unwrap_or(0))
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {

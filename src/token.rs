@@ -108,8 +108,14 @@ pub fn lookup(
         Some(value) => {
             let source = TokenSource::Env(config.token_env.clone());
             match validate(&value) {
-                Ok(token) => TokenLookup::Found { token, source, warnings: Vec::new() },
-                Err(problem) => TokenLookup::Invalid(format!("the token in {source} is invalid: {problem}")),
+                Ok(token) => TokenLookup::Found {
+                    token,
+                    source,
+                    warnings: Vec::new(),
+                },
+                Err(problem) => {
+                    TokenLookup::Invalid(format!("the token in {source} is invalid: {problem}"))
+                }
             }
         }
         None => {
@@ -129,7 +135,9 @@ pub fn lookup(
 /// Looks the token up with the process environment.
 pub fn lookup_from_process(config: &TokenConfig) -> TokenLookup {
     let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-    lookup(config, credentials_dir.as_deref(), |name| std::env::var(name).ok())
+    lookup(config, credentials_dir.as_deref(), |name| {
+        std::env::var(name).ok()
+    })
 }
 
 fn read_file_source(path: &Path, source: TokenSource) -> TokenLookup {
@@ -148,11 +156,19 @@ fn read_file_source(path: &Path, source: TokenSource) -> TokenLookup {
         }
     };
     let Ok(text) = String::from_utf8(bytes) else {
-        return TokenLookup::Invalid(format!("the token in {source} is invalid: it is not valid UTF-8"));
+        return TokenLookup::Invalid(format!(
+            "the token in {source} is invalid: it is not valid UTF-8"
+        ));
     };
     match validate(&text) {
-        Ok(token) => TokenLookup::Found { token, warnings: permission_warnings(path), source },
-        Err(problem) => TokenLookup::Invalid(format!("the token in {source} is invalid: {problem}")),
+        Ok(token) => TokenLookup::Found {
+            token,
+            warnings: permission_warnings(path),
+            source,
+        },
+        Err(problem) => {
+            TokenLookup::Invalid(format!("the token in {source} is invalid: {problem}"))
+        }
     }
 }
 
@@ -182,15 +198,20 @@ pub fn permission_warnings(path: &Path) -> Vec<String> {
     warnings
 }
 
-/// Checks the syntax of a token value after trimming surrounding whitespace and
-/// one trailing newline. The error names the problem, never the value.
+/// Checks the syntax of a token value after trimming surrounding spaces, tabs
+/// and newlines. The error names the problem, never the value.
 pub fn validate(raw: &str) -> Result<Token, &'static str> {
-    let value = raw.trim();
+    let value = raw.trim_matches([' ', '\t', '\n']);
     if value.is_empty() {
         return Err("it is empty");
     }
-    if value.contains('\n') || value.contains('\r') {
-        return Err("it has several lines or a carriage return; write the token on one line");
+    if value.contains('\r') {
+        return Err(
+            "it contains a carriage return (a CRLF line ending); save it with Unix line endings",
+        );
+    }
+    if value.contains('\n') {
+        return Err("it has several lines; write only the token, on one line");
     }
     if value.chars().any(char::is_control) {
         return Err("it contains a control character");
@@ -219,7 +240,10 @@ fn is_assignment(value: &str) -> bool {
     };
     !rest.is_empty()
         && !name.is_empty()
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         && name.chars().any(|c| c.is_ascii_uppercase() || c == '_')
         && name.chars().all(|c| !c.is_ascii_lowercase())
@@ -271,7 +295,12 @@ mod tests {
 
     #[test]
     fn errors_never_contain_value() {
-        for input in ["\"s3cr3t-value\"", "export X=s3cr3t-value", "s3cr3t-value$HOME", "s3cr3t-value\nx"] {
+        for input in [
+            "\"s3cr3t-value\"",
+            "export X=s3cr3t-value",
+            "s3cr3t-value$HOME",
+            "s3cr3t-value\nx",
+        ] {
             let problem = validate(input).unwrap_err();
             assert!(!problem.contains("s3cr3t"), "{problem}");
         }
@@ -288,7 +317,10 @@ mod tests {
     #[test]
     fn configured_missing_file_is_not_skipped() {
         let dir = tempfile::tempdir().unwrap();
-        let config = TokenConfig { token_file: Some(dir.path().join("absent")), token_env: "T".into() };
+        let config = TokenConfig {
+            token_file: Some(dir.path().join("absent")),
+            token_env: "T".into(),
+        };
         let result = lookup(&config, None, |_| Some("from-env".into()));
         match result {
             TokenLookup::Missing(text) => assert!(text.contains("absent"), "{text}"),
@@ -300,7 +332,10 @@ mod tests {
     fn credential_wins_over_environment() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CREDENTIAL_NAME), "from-credential\n").unwrap();
-        let config = TokenConfig { token_file: None, token_env: "T".into() };
+        let config = TokenConfig {
+            token_file: None,
+            token_env: "T".into(),
+        };
         let result = lookup(&config, Some(dir.path()), |_| Some("from-env".into()));
         match result {
             TokenLookup::Found { token, source, .. } => {
@@ -313,7 +348,10 @@ mod tests {
 
     #[test]
     fn environment_invalid_names_variable() {
-        let config = TokenConfig { token_file: None, token_env: "RPA_TOKEN_ADMIN".into() };
+        let config = TokenConfig {
+            token_file: None,
+            token_env: "RPA_TOKEN_ADMIN".into(),
+        };
         match lookup(&config, None, |_| Some("\"quoted\"".into())) {
             TokenLookup::Invalid(text) => {
                 assert!(text.contains("RPA_TOKEN_ADMIN"), "{text}");
@@ -325,7 +363,13 @@ mod tests {
 
     #[test]
     fn missing_everywhere_is_missing() {
-        let config = TokenConfig { token_file: None, token_env: "OUTBOXD_TOKEN".into() };
-        assert!(matches!(lookup(&config, None, |_| None), TokenLookup::Missing(_)));
+        let config = TokenConfig {
+            token_file: None,
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        assert!(matches!(
+            lookup(&config, None, |_| None),
+            TokenLookup::Missing(_)
+        ));
     }
 }

@@ -38,7 +38,10 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// `allow_insecure_http` is set, because the token would travel in clear text.
 pub fn check_server_url(settings: &Settings) -> Result<reqwest::Url, String> {
     let Some(text) = settings.server_url.as_deref() else {
-        return Err("server_url is not set; set it in the config file, OUTBOXD_SERVER_URL or --server-url".into());
+        return Err(
+            "server_url is not set; set it in the config file, OUTBOXD_SERVER_URL or --server-url"
+                .into(),
+        );
     };
     let url = reqwest::Url::parse(text.trim())
         .map_err(|err| format!("server_url = {text:?} is not a valid URL: {err}; use a full URL such as https://uploads.example.com/upload"))?;
@@ -116,22 +119,42 @@ impl Uploader {
             .tcp_keepalive(Duration::from_secs(30))
             .tcp_nodelay(true);
         if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|err| format!("ca_file {} cannot be read: {err}; fix the path or remove ca_file", path.display()))?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|err| format!("ca_file {} is not valid PEM: {err}; give a file of PEM certificates", path.display()))?;
+            let pem = std::fs::read(path).map_err(|err| {
+                format!(
+                    "ca_file {} cannot be read: {err}; fix the path or remove ca_file",
+                    path.display()
+                )
+            })?;
+            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+                format!(
+                    "ca_file {} is not valid PEM: {err}; give a file of PEM certificates",
+                    path.display()
+                )
+            })?;
             if certificates.is_empty() {
-                return Err(format!("ca_file {} has no certificates; give a file of PEM certificates", path.display()));
+                return Err(format!(
+                    "ca_file {} has no certificates; give a file of PEM certificates",
+                    path.display()
+                ));
             }
             for certificate in certificates {
                 builder = builder.add_root_certificate(certificate);
             }
         }
-        let client = builder.build().map_err(|err| format!("the HTTP client cannot be built: {}", outcome::error_chain(&err)))?;
+        let client = builder.build().map_err(|err| {
+            format!(
+                "the HTTP client cannot be built: {}",
+                outcome::error_chain(&err)
+            )
+        })?;
         Ok(Uploader {
             client,
             url,
-            fields: settings.fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            fields: settings
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             file_field: settings.file_field.clone(),
             session_field: settings.session_field.clone(),
             retry_after_max: settings.retry_after_max,
@@ -145,13 +168,24 @@ impl Uploader {
     /// Sends one file. `progress` receives the count of body bytes of the
     /// archive handed to the connection.
     #[instrument(skip_all, fields(file = %job.file_name))]
-    pub async fn upload(&self, job: &UploadJob, token: &Token, progress: Arc<AtomicU64>) -> Attempt {
+    pub async fn upload(
+        &self,
+        job: &UploadJob,
+        token: &Token,
+        progress: Arc<AtomicU64>,
+    ) -> Attempt {
         let file = match open_checked(job).await {
             Ok(file) => file,
             Err(fault) => return Attempt::Local(fault),
         };
         let changed = Arc::new(AtomicBool::new(false));
-        let body = verified_body(file, job.size, job.sha256.clone(), progress, changed.clone());
+        let body = verified_body(
+            file,
+            job.size,
+            job.sha256.clone(),
+            progress,
+            changed.clone(),
+        );
         let part = Part::stream_with_length(body, job.size)
             .file_name(safe_file_name(&job.file_name))
             .mime_str("application/zip")
@@ -188,10 +222,18 @@ impl Uploader {
     #[instrument(skip_all)]
     pub async fn probe(&self, token: &Token) -> Outcome {
         let form = Form::new().text("probe", "1");
-        let request = self.client.post(self.url.clone()).bearer_auth(token.expose()).multipart(form);
+        let request = self
+            .client
+            .post(self.url.clone())
+            .bearer_auth(token.expose())
+            .multipart(form);
         match self.finish(request).await {
-            Outcome::Rejected { reason } if reason.starts_with("HTTP 400") || reason.starts_with("HTTP 422") => {
-                Outcome::Uploaded { status: reason[5..8].parse().unwrap_or(400) }
+            Outcome::Rejected { reason }
+                if reason.starts_with("HTTP 400") || reason.starts_with("HTTP 422") =>
+            {
+                Outcome::Uploaded {
+                    status: reason[5..8].parse().unwrap_or(400),
+                }
             }
             other => other,
         }
@@ -203,7 +245,13 @@ impl Uploader {
             Err(err) => return outcome::classify_error(&err),
         };
         let status = response.status();
-        let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         let retry_after = header("retry-after");
         let location = header("location");
         let mut body = Vec::new();
@@ -242,17 +290,33 @@ async fn open_checked(job: &UploadJob) -> Result<tokio::fs::File, LocalFault> {
         Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Err(LocalFault::Vanished),
         Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(LocalFault::Changed("the file was replaced by a symbolic link".into()))
+            return Err(LocalFault::Changed(
+                "the file was replaced by a symbolic link".into(),
+            ))
         }
-        Err(err) => return Err(LocalFault::Unreadable(format!("opening {} failed: {err}", job.path.display()))),
+        Err(err) => {
+            return Err(LocalFault::Unreadable(format!(
+                "opening {} failed: {err}",
+                job.path.display()
+            )))
+        }
     };
-    let metadata = file.metadata().map_err(|err| LocalFault::Unreadable(err.to_string()))?;
+    let metadata = file
+        .metadata()
+        .map_err(|err| LocalFault::Unreadable(err.to_string()))?;
     if !metadata.file_type().is_file() {
-        return Err(LocalFault::Changed("the file is no longer a regular file".into()));
+        return Err(LocalFault::Changed(
+            "the file is no longer a regular file".into(),
+        ));
     }
     let mtime_ns = metadata.mtime() as i128 * 1_000_000_000 + metadata.mtime_nsec() as i128;
-    if metadata.len() != job.size || mtime_ns != job.mtime_ns || (job.inode != 0 && metadata.ino() != job.inode) {
-        return Err(LocalFault::Changed("the file changed since it was hashed".into()));
+    if metadata.len() != job.size
+        || mtime_ns != job.mtime_ns
+        || (job.inode != 0 && metadata.ino() != job.inode)
+    {
+        return Err(LocalFault::Changed(
+            "the file changed since it was hashed".into(),
+        ));
     }
     Ok(tokio::fs::File::from_std(file))
 }
@@ -277,7 +341,14 @@ fn verified_body(
         changed: Arc<AtomicBool>,
     }
 
-    let reader = Reader { file, hasher: Sha256::new(), remaining: size, expected, progress, changed };
+    let reader = Reader {
+        file,
+        hasher: Sha256::new(),
+        remaining: size,
+        expected,
+        progress,
+        changed,
+    };
     let stream = futures_util::stream::try_unfold(reader, |mut reader| async move {
         if reader.remaining == 0 {
             return Ok(None);
@@ -289,7 +360,9 @@ fn verified_body(
             let n = reader.file.read(&mut chunk[filled..]).await?;
             if n == 0 {
                 reader.changed.store(true, Ordering::SeqCst);
-                return Err(std::io::Error::other("the file became shorter while it was sent"));
+                return Err(std::io::Error::other(
+                    "the file became shorter while it was sent",
+                ));
             }
             filled += n;
         }
@@ -299,7 +372,9 @@ fn verified_body(
             let actual = hex::encode(std::mem::take(&mut reader.hasher).finalize());
             if actual != reader.expected {
                 reader.changed.store(true, Ordering::SeqCst);
-                return Err(std::io::Error::other("the file's SHA-256 changed while it was sent"));
+                return Err(std::io::Error::other(
+                    "the file's SHA-256 changed while it was sent",
+                ));
             }
         }
         reader.progress.fetch_add(want as u64, Ordering::Relaxed);
@@ -314,7 +389,13 @@ fn verified_body(
 pub fn safe_file_name(name: &str) -> String {
     let safe: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+') {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if safe.trim_matches('.').is_empty() {
         "archive.zip".to_string()
@@ -351,7 +432,10 @@ mod tests {
             allow_insecure_http: Some(insecure),
             ..Default::default()
         };
-        load(None, flags, |name| (name == "HOME").then(|| "/h".to_string())).settings
+        load(None, flags, |name| {
+            (name == "HOME").then(|| "/h".to_string())
+        })
+        .settings
     }
 
     #[test]
@@ -369,7 +453,11 @@ mod tests {
             ("not a url", false, false),
         ];
         for (url, insecure, ok) in cases {
-            assert_eq!(check_server_url(&settings(url, *insecure)).is_ok(), *ok, "{url} insecure={insecure}");
+            assert_eq!(
+                check_server_url(&settings(url, *insecure)).is_ok(),
+                *ok,
+                "{url} insecure={insecure}"
+            );
         }
     }
 

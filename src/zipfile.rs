@@ -37,6 +37,9 @@ pub fn check_complete(file: &mut File, len: u64) -> Result<(), ZipError> {
     if len == 0 {
         return Err(ZipError::Empty);
     }
+    if len < EOCD_LEN {
+        return Err(ZipError::NoEndRecord { searched: len });
+    }
     let tail_len = len.min(EOCD_LEN + MAX_COMMENT_LEN + ZIP64_LOCATOR_LEN);
     let tail_start = len - tail_len;
     let mut tail = vec![0u8; tail_len as usize];
@@ -77,11 +80,14 @@ fn check_directory_bounds(
     if (size == u32::MAX as u64 || offset == u32::MAX as u64) && at >= ZIP64_LOCATOR_LEN as usize {
         let locator = at - ZIP64_LOCATOR_LEN as usize;
         if tail[locator..locator + 4] == ZIP64_LOCATOR_SIGNATURE {
-            let record_offset = u64::from_le_bytes(tail[locator + 8..locator + 16].try_into().unwrap());
+            let record_offset =
+                u64::from_le_bytes(tail[locator + 8..locator + 16].try_into().unwrap());
             let mut record = [0u8; 56];
             file.seek(SeekFrom::Start(record_offset))
                 .and_then(|_| file.read_exact(&mut record))
-                .map_err(|err| ZipError::Io(format!("reading the zip64 end record failed: {err}")))?;
+                .map_err(|err| {
+                    ZipError::Io(format!("reading the zip64 end record failed: {err}"))
+                })?;
             if record[0..4] != ZIP64_EOCD_SIGNATURE {
                 return Err(ZipError::DirectoryOutOfBounds { offset, size });
             }
@@ -172,7 +178,10 @@ mod tests {
     fn every_truncation_is_incomplete() {
         let archive = stored_archive("a.txt", &[7u8; 300]);
         for len in 0..archive.len() {
-            assert!(check_bytes(&archive[..len]).is_err(), "prefix of {len} bytes passed");
+            assert!(
+                check_bytes(&archive[..len]).is_err(),
+                "prefix of {len} bytes passed"
+            );
         }
     }
 
@@ -193,7 +202,10 @@ mod tests {
         let len = archive.len();
         archive[len - 6..len - 2].copy_from_slice(&u32::MAX.to_le_bytes()[..]);
         archive[len - 6] = 0xfe;
-        assert!(matches!(check_bytes(&archive), Err(ZipError::DirectoryOutOfBounds { .. })));
+        assert!(matches!(
+            check_bytes(&archive),
+            Err(ZipError::DirectoryOutOfBounds { .. })
+        ));
     }
 
     #[test]

@@ -12,7 +12,11 @@ use crate::config::{self, LogFormat, RawSettings};
 use crate::control::{self, ClientError, Request};
 
 #[derive(Debug, Parser)]
-#[command(name = "outboxd", version, about = "Uploads zip archives from an outbox folder to an HTTP API, durably, with an auth hold")]
+#[command(
+    name = "outboxd",
+    version,
+    about = "Uploads zip archives from an outbox folder to an HTTP API, durably, with an auth hold"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -31,7 +35,11 @@ pub struct Locate {
 
 impl Locate {
     fn load(&self, outbox: Option<PathBuf>) -> config::Loaded {
-        let flags = RawSettings { state_dir: self.state_dir.clone(), outbox, ..Default::default() };
+        let flags = RawSettings {
+            state_dir: self.state_dir.clone(),
+            outbox,
+            ..Default::default()
+        };
         config::load_from_process(self.config.as_deref(), flags)
     }
 }
@@ -44,7 +52,7 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: RawSettings,
+        settings: Box<RawSettings>,
     },
     /// Show the daemon's state: auth, destination, queue, uploads
     Status {
@@ -79,6 +87,13 @@ pub enum Command {
         #[arg(long)]
         rejected: bool,
     },
+    /// Show the main job on this machine: a receiver and a daemon on loopback, real
+    /// archives, an outage and an auth failure survived
+    Demo {
+        /// Keep the demo's temporary folder (outbox, state, received files, logs)
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run a reference receiver of the upload request, for tests and demos
     Receive {
         /// Address to listen on, such as 127.0.0.1:8080
@@ -98,7 +113,10 @@ pub enum Command {
 
 /// Runs a parsed command line and returns the exit code.
 pub fn main(cli: Cli) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: starting the async runtime failed: {err}");
@@ -107,11 +125,32 @@ pub fn main(cli: Cli) -> i32 {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config, settings } => run(config, settings).await,
+            Command::Run { config, settings } => run(config, *settings).await,
             Command::Status { locate, json } => offline::status(&locate, json).await,
-            Command::List { locate, json, state } => offline::list(&locate, json, state.as_deref()).await,
-            Command::Retry { locate, ids, all: _, rejected } => retry(&locate, ids, rejected).await,
-            Command::Receive { listen, dir, token_file, path } => receive(listen, dir, token_file, path).await,
+            Command::List {
+                locate,
+                json,
+                state,
+            } => offline::list(&locate, json, state.as_deref()).await,
+            Command::Retry {
+                locate,
+                ids,
+                all: _,
+                rejected,
+            } => retry(&locate, ids, rejected).await,
+            Command::Demo { keep } => match crate::demo::run(keep).await {
+                Ok(()) => 0,
+                Err(err) => {
+                    eprintln!("error: the demo failed: {err:#}");
+                    1
+                }
+            },
+            Command::Receive {
+                listen,
+                dir,
+                token_file,
+                path,
+            } => receive(listen, dir, token_file, path).await,
         }
     })
 }
@@ -120,7 +159,9 @@ pub fn main(cli: Cli) -> i32 {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
@@ -131,7 +172,10 @@ pub fn init_logging(format: LogFormat) {
 }
 
 async fn run(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
-    let launch = crate::daemon::Launch { config_flag: config_flag.clone(), flags: flags.clone() };
+    let launch = crate::daemon::Launch {
+        config_flag: config_flag.clone(),
+        flags: flags.clone(),
+    };
     let loaded = config::load_from_process(config_flag.as_deref(), flags);
     init_logging(loaded.settings.log_format);
     for problem in &loaded.problems {
@@ -155,14 +199,20 @@ async fn retry(locate: &Locate, ids: Vec<u64>, rejected: bool) -> i32 {
             let result = reply.retry.unwrap_or_default();
             println!("cleared the backoff of {} item(s)", result.cleared);
             if rejected {
-                println!("moved {} rejected file(s) back into the outbox", result.requeued_rejected);
+                println!(
+                    "moved {} rejected file(s) back into the outbox",
+                    result.requeued_rejected
+                );
             }
             if result.probing {
                 println!("the hold is probed now; see `outboxd status`");
             }
             if !result.unknown_ids.is_empty() {
                 let ids: Vec<String> = result.unknown_ids.iter().map(u64::to_string).collect();
-                eprintln!("error: no item with id {} (see `outboxd list`)", ids.join(", "));
+                eprintln!(
+                    "error: no item with id {} (see `outboxd list`)",
+                    ids.join(", ")
+                );
                 return 1;
             }
             0
@@ -178,9 +228,19 @@ async fn retry(locate: &Locate, ids: Vec<u64>, rejected: bool) -> i32 {
     }
 }
 
-async fn receive(listen: std::net::SocketAddr, dir: PathBuf, token_file: PathBuf, path: String) -> i32 {
+async fn receive(
+    listen: std::net::SocketAddr,
+    dir: PathBuf,
+    token_file: PathBuf,
+    path: String,
+) -> i32 {
     init_logging(LogFormat::Text);
-    let options = crate::receiver::ReceiverOptions { dir, token_file, path, ..Default::default() };
+    let options = crate::receiver::ReceiverOptions {
+        dir,
+        token_file,
+        path,
+        ..Default::default()
+    };
     let listener = match bind_receiver(listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -205,7 +265,9 @@ async fn bind_receiver(listen: std::net::SocketAddr) -> std::io::Result<tokio::n
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

@@ -55,7 +55,13 @@ fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Option
                 Err(err) => (Vec::new(), uploaded, Some(err.to_string())),
             }
         }
-        Err(err) => (Vec::new(), 0, Some(format!("the queue cannot be read now ({err}); a daemon may be starting"))),
+        Err(err) => (
+            Vec::new(),
+            0,
+            Some(format!(
+                "the queue cannot be read now ({err}); a daemon may be starting"
+            )),
+        ),
     }
 }
 
@@ -73,10 +79,25 @@ fn offline_report(settings: &crate::config::Settings) -> StatusReport {
     }
     let last_success = records.iter().filter_map(|r| r.uploaded_at).max();
     StatusReport {
-        daemon: status::DaemonStatus { running: false, pid: None, version: env!("CARGO_PKG_VERSION").into(), started_at: None },
+        daemon: status::DaemonStatus {
+            running: false,
+            pid: None,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: None,
+        },
         server_url: settings.server_url.clone().unwrap_or_default(),
-        auth: status::AuthStatus { state: "unknown".into(), since: None, detail: None, next_probe_at: None },
-        destination: status::DestinationStatus { state: "unknown".into(), since: None, next_attempt_at: None, last_error: None },
+        auth: status::AuthStatus {
+            state: "unknown".into(),
+            since: None,
+            detail: None,
+            next_probe_at: None,
+        },
+        destination: status::DestinationStatus {
+            state: "unknown".into(),
+            since: None,
+            next_attempt_at: None,
+            last_error: None,
+        },
         queue: status::QueueStatus {
             pending,
             uploading: 0,
@@ -112,7 +133,9 @@ struct Row {
 pub async fn list(locate: &Locate, json: bool, state: Option<&str>) -> i32 {
     if let Some(state) = state {
         if !["pending", "uploading", "uploaded", "rejected"].contains(&state) {
-            eprintln!("error: --state {state:?} is invalid; use pending, uploading, uploaded or rejected");
+            eprintln!(
+                "error: --state {state:?} is invalid; use pending, uploading, uploaded or rejected"
+            );
             return 2;
         }
     }
@@ -142,7 +165,10 @@ pub async fn list(locate: &Locate, json: bool, state: Option<&str>) -> i32 {
             size: r.size,
             state: r.state.as_str().into(),
             attempts: r.attempts,
-            next_attempt_at: r.next_attempt_at.filter(|_| r.state == ItemState::Pending).map(rfc3339),
+            next_attempt_at: r
+                .next_attempt_at
+                .filter(|_| r.state == ItemState::Pending)
+                .map(rfc3339),
             last_error: r.last_error.clone(),
             queued_at: Some(rfc3339(r.queued_at)),
         })
@@ -164,12 +190,29 @@ pub async fn list(locate: &Locate, json: bool, state: Option<&str>) -> i32 {
     if !running {
         eprintln!("note: the daemon is not running; this is the queue as it was last saved");
     }
-    println!("{:<8} {:<32} {:>10} {:<10} {:>8} {:<12} LAST ERROR", "ID", "FILE", "SIZE", "STATE", "ATTEMPTS", "NEXT");
+    println!(
+        "{:<8} {:<32} {:>10} {:<10} {:>8} {:<12} LAST ERROR",
+        "ID", "FILE", "SIZE", "STATE", "ATTEMPTS", "NEXT"
+    );
     for row in &rows {
-        let next = match row.next_attempt_at.as_deref().and_then(|t| humantime::parse_rfc3339(t).ok()) {
+        let next = match row
+            .next_attempt_at
+            .as_deref()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+        {
             Some(at) => {
-                let at_ms = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-                if at_ms <= now { "now".to_string() } else { format!("in {}", short_duration(std::time::Duration::from_millis(at_ms - now))) }
+                let at_ms = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis() as u64;
+                if at_ms <= now {
+                    "now".to_string()
+                } else {
+                    format!(
+                        "in {}",
+                        short_duration(std::time::Duration::from_millis(at_ms - now))
+                    )
+                }
             }
             None if row.state == "pending" => "now".to_string(),
             None => "-".to_string(),
@@ -191,14 +234,18 @@ pub async fn list(locate: &Locate, json: bool, state: Option<&str>) -> i32 {
 /// Rows for the files in `rejected/`, with the reason from the `.reason` file.
 fn rejected_rows(outbox: &std::path::Path) -> Vec<Row> {
     let folder = outbox.join("rejected");
-    let Ok(entries) = std::fs::read_dir(&folder) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return Vec::new();
+    };
     let mut rows = Vec::new();
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name().to_string_lossy().to_string();
         if name.starts_with('.') || name.ends_with(".reason") {
             continue;
         }
-        let reason = std::fs::read_to_string(folder.join(format!("{name}.reason"))).ok().map(|r| r.trim().to_string());
+        let reason = std::fs::read_to_string(folder.join(format!("{name}.reason")))
+            .ok()
+            .map(|r| r.trim().to_string());
         let metadata = entry.metadata().ok();
         rows.push(Row {
             id: "-".into(),
@@ -208,7 +255,13 @@ fn rejected_rows(outbox: &std::path::Path) -> Vec<Row> {
             attempts: 0,
             next_attempt_at: None,
             last_error: reason,
-            queued_at: metadata.and_then(|m| m.modified().ok()).map(|t| rfc3339(t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64)),
+            queued_at: metadata.and_then(|m| m.modified().ok()).map(|t| {
+                rfc3339(
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_millis() as u64,
+                )
+            }),
         });
     }
     rows

@@ -16,13 +16,19 @@ use crate::intake::{move_no_replace, mtime_ns};
 use crate::queue::Queue;
 use crate::store::{ItemState, Record};
 
+/// Wait after a change to the token or config file before reading it.
+const WATCH_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Free space on the outbox's filesystem below which `status` warns.
 const LOW_SPACE_BYTES: u64 = 512 * 1024 * 1024;
 
 /// Creates the outbox and state dir (mode 0700) if missing and checks that both
 /// are writable folders. The error names the path and the fix.
 pub fn prepare_dirs(settings: &Settings) -> Result<(), String> {
-    for (what, path) in [("state dir", &settings.state_dir), ("outbox", &settings.outbox)] {
+    for (what, path) in [
+        ("state dir", &settings.state_dir),
+        ("outbox", &settings.outbox),
+    ] {
         ensure_dir(what, path)?;
     }
     ensure_dir("rejected folder", &settings.outbox.join("rejected"))?;
@@ -35,20 +41,40 @@ pub fn prepare_dirs(settings: &Settings) -> Result<(), String> {
 fn ensure_dir(what: &str, path: &Path) -> Result<(), String> {
     match std::fs::metadata(path) {
         Ok(metadata) if !metadata.is_dir() => {
-            return Err(format!("the {what} {} is not a folder; remove it or choose another path", path.display()))
+            return Err(format!(
+                "the {what} {} is not a folder; remove it or choose another path",
+                path.display()
+            ))
         }
         Ok(_) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(|err| {
-                format!("the {what} {} cannot be created: {err}; create it or choose another path", path.display())
-            })?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(path)
+                .map_err(|err| {
+                    format!(
+                        "the {what} {} cannot be created: {err}; create it or choose another path",
+                        path.display()
+                    )
+                })?;
         }
-        Err(err) => return Err(format!("the {what} {} cannot be read: {err}", path.display())),
+        Err(err) => {
+            return Err(format!(
+                "the {what} {} cannot be read: {err}",
+                path.display()
+            ))
+        }
     }
     let probe = path.join(format!(".outboxd-write-test-{}", std::process::id()));
     std::fs::File::create(&probe)
         .and_then(|_| std::fs::remove_file(&probe))
-        .map_err(|err| format!("the {what} {} is not writable: {err}; fix its permissions", path.display()))
+        .map_err(|err| {
+            format!(
+                "the {what} {} is not writable: {err}; fix its permissions",
+                path.display()
+            )
+        })
 }
 
 /// An exclusive lock on `state_dir/lock`, held for the daemon's life. The file
@@ -72,13 +98,18 @@ impl StateLock {
         if rc != 0 {
             let pid = std::fs::read_to_string(&path).unwrap_or_default();
             let pid = pid.trim();
-            let pid = if pid.is_empty() { "unknown".to_string() } else { pid.to_string() };
+            let pid = if pid.is_empty() {
+                "unknown".to_string()
+            } else {
+                pid.to_string()
+            };
             return Err(format!(
                 "another outboxd (pid {pid}) is already running on the state dir {}; stop it first, or give this one another --state-dir",
                 state_dir.display()
             ));
         }
-        file.set_len(0).map_err(|err| format!("writing the lock file {} failed: {err}", path.display()))?;
+        file.set_len(0)
+            .map_err(|err| format!("writing the lock file {} failed: {err}", path.display()))?;
         writeln!(file, "{}", std::process::id())
             .map_err(|err| format!("writing the lock file {} failed: {err}", path.display()))?;
         Ok(StateLock { _file: file })
@@ -88,7 +119,12 @@ impl StateLock {
 /// True when the file at `path` is still the one the record describes.
 fn unchanged(path: &Path, record: &Record) -> bool {
     match path.symlink_metadata() {
-        Ok(m) => m.is_file() && m.len() == record.size && mtime_ns(&m) == record.mtime_ns && (record.inode == 0 || m.ino() == record.inode),
+        Ok(m) => {
+            m.is_file()
+                && m.len() == record.size
+                && mtime_ns(&m) == record.mtime_ns
+                && (record.inode == 0 || m.ino() == record.inode)
+        }
         Err(_) => false,
     }
 }
@@ -124,7 +160,10 @@ pub fn finish_uploaded(settings: &Settings, record: &Record) -> bool {
 pub fn finish_interrupted(settings: &Settings, queue: &mut Queue) {
     let leftovers: Vec<Record> = queue
         .records()
-        .filter(|r| r.state == ItemState::Uploaded && settings.outbox.join(&r.file).symlink_metadata().is_ok())
+        .filter(|r| {
+            r.state == ItemState::Uploaded
+                && settings.outbox.join(&r.file).symlink_metadata().is_ok()
+        })
         .cloned()
         .collect();
     for record in leftovers {
@@ -139,7 +178,9 @@ pub fn finish_interrupted(settings: &Settings, queue: &mut Queue) {
 
 /// Counts the files in `rejected/` (their `.reason` files aside).
 pub fn count_rejected(outbox: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(outbox.join("rejected")) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(outbox.join("rejected")) else {
+        return 0;
+    };
     entries
         .filter_map(Result::ok)
         .filter(|e| {
@@ -154,7 +195,9 @@ pub fn count_rejected(outbox: &Path) -> u64 {
 /// Returns how many were moved.
 pub fn requeue_rejected(outbox: &Path) -> usize {
     let folder = outbox.join("rejected");
-    let Ok(entries) = std::fs::read_dir(&folder) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(&folder) else {
+        return 0;
+    };
     let mut moved = 0;
     for entry in entries.filter_map(Result::ok) {
         let name = entry.file_name();
@@ -170,7 +213,9 @@ pub fn requeue_rejected(outbox: &Path) -> usize {
                 tracing::info!(file = %text, target = %target.display(), "a rejected file is back in the outbox");
                 moved += 1;
             }
-            Err(err) => tracing::error!(file = %text, error = %err, "moving a rejected file back failed"),
+            Err(err) => {
+                tracing::error!(file = %text, error = %err, "moving a rejected file back failed")
+            }
         }
     }
     moved
@@ -196,38 +241,63 @@ pub fn low_space_warning(outbox: &Path) -> Option<String> {
 
 /// Watches the folders of the token file and the config file, so that in-place
 /// writes, atomic renames and symlink swaps of either are all seen.
-pub fn watch_token_and_config(settings: &Settings, shared: Arc<super::Shared>) -> Option<notify::RecommendedWatcher> {
+pub fn watch_token_and_config(
+    settings: &Settings,
+    shared: Arc<super::Shared>,
+) -> Option<notify::RecommendedWatcher> {
     let token_file = settings.token.token_file.clone();
     let config_file = settings.config_path.clone();
     let handle = tokio::runtime::Handle::current();
     // A config folder that does not exist has no file to watch; a config file
     // created there later is read on SIGHUP.
     let config_file = config_file.filter(|p| p.parent().is_some_and(Path::is_dir));
-    let names: Vec<(PathBuf, bool)> = [token_file.map(|p| (p, false)), config_file.map(|p| (p, true))]
-        .into_iter()
-        .flatten()
-        .collect();
+    let names: Vec<(PathBuf, bool)> = [
+        token_file.map(|p| (p, false)),
+        config_file.map(|p| (p, true)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if names.is_empty() {
         return None;
     }
     let watched = names.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if event.kind.is_access() && !matches!(event.kind, notify::EventKind::Access(notify::event::AccessKind::Close(notify::event::AccessMode::Write))) {
+        if event.kind.is_access()
+            && !matches!(
+                event.kind,
+                notify::EventKind::Access(notify::event::AccessKind::Close(
+                    notify::event::AccessMode::Write
+                ))
+            )
+        {
             return;
         }
         for (path, is_config) in &watched {
-            let hit = event.paths.iter().any(|p| p.file_name() == path.file_name() && p.parent() == path.parent());
+            let hit = event
+                .paths
+                .iter()
+                .any(|p| p.file_name() == path.file_name() && p.parent() == path.parent());
             if hit {
                 let shared = shared.clone();
                 let is_config = *is_config;
-                handle.spawn(async move { super::on_watched_change(&shared, is_config) });
+                handle.spawn(async move {
+                    // A writer that truncates and rewrites in place produces
+                    // several events; reading at the first one could see an empty
+                    // file and log a spurious invalid token.
+                    tokio::time::sleep(WATCH_SETTLE).await;
+                    super::on_watched_change(&shared, is_config)
+                });
             }
         }
     })
     .ok()?;
     for (path, _) in &names {
-        let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let folder = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         if let Err(err) = watcher.watch(folder, RecursiveMode::NonRecursive) {
             tracing::warn!(folder = %folder.display(), error = %err, "watching for token or config changes failed; changes are picked up on SIGHUP and at each probe");
         }

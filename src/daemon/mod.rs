@@ -5,17 +5,19 @@ mod files;
 mod state;
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 
 use crate::config::{Loaded, RawSettings, Settings};
 use crate::control;
-use crate::intake::{self, IntakeConfig, IntakeRequest, IncludeMatcher, QueueSink};
+use crate::intake::{self, IncludeMatcher, IntakeConfig, IntakeRequest, QueueSink};
 use crate::outcome::{HoldKind, Outcome};
 use crate::queue::{FileFacts, Queue};
 use crate::status::{self, StatusReport};
@@ -57,17 +59,29 @@ impl Shared {
     fn core(&self) -> MutexGuard<'_, Core> {
         // A panic while the lock was held leaves the state as it was at the
         // panic; the daemon keeps serving rather than failing every task.
-        self.core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.core
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn examine(&self, file: &str) {
-        if let Some(tx) = self.intake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(tx) = self
+            .intake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             let _ = tx.send(IntakeRequest::Examine(file.to_string()));
         }
     }
 
     fn rescan(&self) {
-        if let Some(tx) = self.intake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(tx) = self
+            .intake
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             let _ = tx.send(IntakeRequest::Rescan);
         }
     }
@@ -77,7 +91,9 @@ impl QueueSink for Shared {
     fn is_known(&self, name: &str, size: u64, mtime_ns: i128, inode: u64) -> bool {
         let core = self.core();
         core.queue.by_name(name).is_some_and(|record| {
-            record.size == size && record.mtime_ns == mtime_ns && (record.inode == 0 || record.inode == inode)
+            record.size == size
+                && record.mtime_ns == mtime_ns
+                && (record.inode == 0 || record.inode == inode)
         })
     }
 
@@ -118,11 +134,17 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     let Loaded { settings, problems } = loaded;
     let settings = Arc::new(settings);
     prepare_dirs(&settings).map_err(|message| StartError { code: 2, message })?;
-    let lock = StateLock::acquire(&settings.state_dir).map_err(|message| StartError { code: 1, message })?;
+    let lock = StateLock::acquire(&settings.state_dir)
+        .map_err(|message| StartError { code: 1, message })?;
 
-    let store = Store::open(&settings.state_dir).map_err(|err| StartError { code: 1, message: err.to_string() })?;
-    let mut queue = Queue::load(store.clone(), settings.backoff_max)
-        .map_err(|err| StartError { code: 1, message: err.to_string() })?;
+    let store = Store::open(&settings.state_dir).map_err(|err| StartError {
+        code: 1,
+        message: err.to_string(),
+    })?;
+    let mut queue = Queue::load(store.clone(), settings.backoff_max).map_err(|err| StartError {
+        code: 1,
+        message: err.to_string(),
+    })?;
     match queue.prune_uploaded(now_ms(), settings.uploaded_retention) {
         Ok(0) => {}
         Ok(n) => tracing::debug!(records = n, "pruned records of old uploads"),
@@ -139,9 +161,21 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
         uploader,
         token,
         queue,
-        auth: AuthState { auth: Auth::Unknown, origin: HoldOrigin::Server, since: None, detail: None, next_probe_at: None },
+        auth: AuthState {
+            auth: Auth::Unknown,
+            origin: HoldOrigin::Server,
+            since: None,
+            detail: None,
+            next_probe_at: None,
+        },
         answered: false,
-        destination: DestinationState { reach: Reach::Unknown, since: None, next_attempt_at: None, last_error: None, failures: 0 },
+        destination: DestinationState {
+            reach: Reach::Unknown,
+            since: None,
+            next_attempt_at: None,
+            last_error: None,
+            failures: 0,
+        },
         uploads: Default::default(),
         bare_probe_in_flight: false,
         last_success_at: None,
@@ -163,14 +197,19 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
 
     let intake_config = IntakeConfig {
         outbox: settings.outbox.clone(),
-        include: IncludeMatcher::new(&settings.include).unwrap_or_else(|_| IncludeMatcher::new("*.zip").expect("*.zip is a valid glob")),
+        include: IncludeMatcher::new(&settings.include)
+            .unwrap_or_else(|_| IncludeMatcher::new("*.zip").expect("*.zip is a valid glob")),
         settle: settings.settle,
         reject_after: settings.reject_after,
         rescan: settings.rescan,
     };
-    let (intake_tx, intake_task) = intake::start(intake_config, shared.clone())
-        .await
-        .map_err(|err| StartError { code: 1, message: format!("{err:#}") })?;
+    let (intake_tx, intake_task) =
+        intake::start(intake_config, shared.clone())
+            .await
+            .map_err(|err| StartError {
+                code: 1,
+                message: format!("{err:#}"),
+            })?;
     *shared.intake.lock().unwrap_or_else(|p| p.into_inner()) = Some(intake_tx);
 
     let _watcher = files::watch_token_and_config(&settings, shared.clone());
@@ -222,7 +261,9 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
 }
 
 fn build_uploader(settings: &Settings, problems: &mut Vec<String>) -> Option<Uploader> {
-    if settings.server_url.is_none() || !problems.is_empty() && problems.iter().any(|p| p.starts_with("server_url")) {
+    if settings.server_url.is_none()
+        || !problems.is_empty() && problems.iter().any(|p| p.starts_with("server_url"))
+    {
         if !problems.iter().any(|p| p.starts_with("server_url")) {
             problems.push("server_url is not set; set it in the config file, OUTBOXD_SERVER_URL or --server-url".into());
         }
@@ -269,7 +310,11 @@ async fn drain(mut in_flight: JoinSet<()>, grace: Duration) {
     if in_flight.is_empty() {
         return;
     }
-    tracing::info!(uploads = in_flight.len(), grace_ms = grace.as_millis() as u64, "waiting for uploads in flight");
+    tracing::info!(
+        uploads = in_flight.len(),
+        grace_ms = grace.as_millis() as u64,
+        "waiting for uploads in flight"
+    );
     let deadline = tokio::time::Instant::now() + grace;
     loop {
         tokio::select! {
@@ -288,7 +333,10 @@ async fn drain(mut in_flight: JoinSet<()>, grace: Duration) {
 /// A new configuration with faults is rejected while the running one is valid.
 pub fn reload(shared: &Arc<Shared>) {
     crate::systemd::reloading();
-    let loaded = crate::config::load_from_process(shared.launch.config_flag.as_deref(), shared.launch.flags.clone());
+    let loaded = crate::config::load_from_process(
+        shared.launch.config_flag.as_deref(),
+        shared.launch.flags.clone(),
+    );
     {
         let mut core = shared.core();
         let mut problems = loaded.problems;
@@ -300,7 +348,9 @@ pub fn reload(shared: &Arc<Shared>) {
             );
         } else {
             let mut settings = loaded.settings;
-            if settings.outbox != core.settings.outbox || settings.state_dir != core.settings.state_dir {
+            if settings.outbox != core.settings.outbox
+                || settings.state_dir != core.settings.state_dir
+            {
                 tracing::warn!("outbox and state_dir changes take effect only after a restart");
                 settings.outbox = core.settings.outbox.clone();
                 settings.state_dir = core.settings.state_dir.clone();
@@ -339,7 +389,12 @@ fn refresh_token(core: &mut Core, force: bool) {
     let local_changed = core.apply_local_holds();
     if (changed || force) && !local_changed && core.auth.origin == HoldOrigin::Server {
         if let Auth::Held(kind) = core.auth.auth {
-            if changed || matches!(kind, HoldKind::TokenRejected | HoldKind::Forbidden | HoldKind::ConfigError) {
+            if changed
+                || matches!(
+                    kind,
+                    HoldKind::TokenRejected | HoldKind::Forbidden | HoldKind::ConfigError
+                )
+            {
                 core.auth.next_probe_at = Some(now_ms());
             }
         }
@@ -382,11 +437,19 @@ pub fn retry(shared: &Arc<Shared>, request: &RetryRequest) -> RetryResult {
     let mut result = RetryResult::default();
     {
         let mut core = shared.core();
-        result.unknown_ids = request.ids.iter().copied().filter(|id| core.queue.get(*id).is_none()).collect();
-        result.cleared = core.queue.clear_backoff(&request.ids).unwrap_or_else(|err| {
-            tracing::error!(error = %err, "clearing backoff failed");
-            0
-        });
+        result.unknown_ids = request
+            .ids
+            .iter()
+            .copied()
+            .filter(|id| core.queue.get(*id).is_none())
+            .collect();
+        result.cleared = core
+            .queue
+            .clear_backoff(&request.ids)
+            .unwrap_or_else(|err| {
+                tracing::error!(error = %err, "clearing backoff failed");
+                0
+            });
         refresh_token(&mut core, true);
         if matches!(core.auth.auth, Auth::Held(_)) && core.auth.origin != HoldOrigin::Settings {
             core.auth.next_probe_at = Some(now_ms());
@@ -402,7 +465,12 @@ pub fn retry(shared: &Arc<Shared>, request: &RetryRequest) -> RetryResult {
             result.requeued_rejected = files::requeue_rejected(&outbox);
         }
     }
-    tracing::info!(cleared = result.cleared, rejected = result.requeued_rejected, probing = result.probing, "retry requested");
+    tracing::info!(
+        cleared = result.cleared,
+        rejected = result.requeued_rejected,
+        probing = result.probing,
+        "retry requested"
+    );
     if request.rejected {
         shared.rescan();
     }
@@ -437,7 +505,11 @@ pub fn status_report(shared: &Shared) -> StatusReport {
         Auth::Held(kind) => kind.as_str(),
     };
     let mut warnings = Vec::new();
-    if let TokenState::Ready { warnings: token_warnings, .. } = &core.token {
+    if let TokenState::Ready {
+        warnings: token_warnings,
+        ..
+    } = &core.token
+    {
         warnings.extend(token_warnings.iter().cloned());
     }
     if let Some(warning) = files::low_space_warning(&core.settings.outbox) {
@@ -475,7 +547,12 @@ pub fn status_report(shared: &Shared) -> StatusReport {
         uploads: core
             .upload_progress()
             .into_iter()
-            .map(|(id, file, bytes_sent, size)| status::UploadStatus { id: id.to_string(), file, bytes_sent, size })
+            .map(|(id, file, bytes_sent, size)| status::UploadStatus {
+                id: id.to_string(),
+                file,
+                bytes_sent,
+                size,
+            })
             .collect(),
         last_success_at: core.last_success_at.map(rfc3339),
         last_error: core.last_error.clone(),
@@ -494,7 +571,11 @@ pub fn list_records(shared: &Shared) -> Vec<Record> {
 
 /// Work that `plan` hands to the dispatcher.
 enum Job {
-    Upload { record: Record, probe: bool, progress: Arc<AtomicU64> },
+    Upload {
+        record: Box<Record>,
+        probe: bool,
+        progress: Arc<AtomicU64>,
+    },
     BareProbe,
 }
 
@@ -508,34 +589,54 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
         let (jobs, wake_at, stopping, uploader, token) = {
             let mut core = shared.core();
             let (jobs, wake_at) = plan(&mut core);
-            (jobs, wake_at, core.shutting_down, core.uploader.clone(), core.token.token().cloned())
+            (
+                jobs,
+                wake_at,
+                core.shutting_down,
+                core.uploader.clone(),
+                core.token.token().cloned(),
+            )
         };
         if stopping {
             return in_flight;
         }
         for job in jobs {
-            let (Some(uploader), Some(token)) = (uploader.clone(), token.clone()) else { break };
+            let uploader = uploader.clone();
+            let token = token.clone();
             let shared = shared.clone();
             in_flight.spawn(async move {
                 match job {
-                    Job::Upload { record, probe, progress } => {
-                        let job = UploadJob {
-                            path: shared.core().settings.outbox.join(&record.file),
-                            file_name: record.file.clone(),
-                            session_id: record.session_id.clone(),
-                            size: record.size,
-                            sha256: record.sha256.clone(),
-                            mtime_ns: record.mtime_ns,
-                            inode: record.inode,
-                        };
-                        let started = std::time::Instant::now();
-                        let attempt = uploader.upload(&job, &token, progress).await;
-                        complete(&shared, record, probe, attempt, started.elapsed()).await;
+                    Job::Upload {
+                        record,
+                        probe,
+                        progress,
+                    } => {
+                        let id = record.id;
+                        let task = AssertUnwindSafe(upload_one(&shared, *record, probe, progress))
+                            .catch_unwind();
+                        if task.await.is_err() {
+                            // The item would otherwise stay `uploading` until a restart.
+                            tracing::error!(
+                                id,
+                                "an upload task panicked; the item goes back to pending"
+                            );
+                            let mut core = shared.core();
+                            core.uploads.remove(&id);
+                            let _ = core.queue.requeue(
+                                id,
+                                false,
+                                None,
+                                Some("internal error during upload".into()),
+                            );
+                        }
                     }
-                    Job::BareProbe => {
-                        let outcome = uploader.probe(&token).await;
-                        complete_bare_probe(&shared, outcome);
-                    }
+                    Job::BareProbe => match (uploader, token) {
+                        (Some(uploader), Some(token)) => {
+                            let outcome = uploader.probe(&token).await;
+                            complete_bare_probe(&shared, outcome);
+                        }
+                        _ => shared.core().bare_probe_in_flight = false,
+                    },
                 }
                 shared.wake.notify_one();
             });
@@ -548,7 +649,9 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
         }
 
         let now = now_ms();
-        let mut sleep_ms = wake_at.map_or(30_000, |at| at.saturating_sub(now)).clamp(1, 30_000);
+        let mut sleep_ms = wake_at
+            .map_or(30_000, |at| at.saturating_sub(now))
+            .clamp(1, 30_000);
         if let Some(interval) = watchdog {
             crate::systemd::watchdog();
             sleep_ms = sleep_ms.min(interval.as_millis() as u64);
@@ -559,6 +662,38 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
+}
+
+async fn upload_one(shared: &Arc<Shared>, record: Record, probe: bool, progress: Arc<AtomicU64>) {
+    let (uploader, token, path) = {
+        let core = shared.core();
+        (
+            core.uploader.clone(),
+            core.token.token().cloned(),
+            core.settings.outbox.join(&record.file),
+        )
+    };
+    let (Some(uploader), Some(token)) = (uploader, token) else {
+        // The settings or token changed since the item was taken.
+        let mut core = shared.core();
+        core.uploads.remove(&record.id);
+        let _ = core
+            .queue
+            .requeue(record.id, false, record.next_attempt_at, None);
+        return;
+    };
+    let job = UploadJob {
+        path,
+        file_name: record.file.clone(),
+        session_id: record.session_id.clone(),
+        size: record.size,
+        sha256: record.sha256.clone(),
+        mtime_ns: record.mtime_ns,
+        inode: record.inode,
+    };
+    let started = std::time::Instant::now();
+    let attempt = uploader.upload(&job, &token, progress).await;
+    complete(shared, record, probe, attempt, started.elapsed()).await;
 }
 
 /// Decides which uploads start now. Returns them and the next time to look.
@@ -582,7 +717,8 @@ fn plan(core: &mut Core) -> (Vec<Job>, Option<u64>) {
                 if next_probe.is_some_and(|at| at <= now) {
                     refresh_token(core, false);
                     if let Auth::Held(_) = core.auth.auth {
-                        core.auth.next_probe_at = Some(now + core.settings.auth_probe.as_millis() as u64);
+                        core.auth.next_probe_at =
+                            Some(now + core.settings.auth_probe.as_millis() as u64);
                         return (jobs, core.auth.next_probe_at);
                     }
                 } else {
@@ -615,8 +751,15 @@ fn plan(core: &mut Core) -> (Vec<Job>, Option<u64>) {
         }
     }
     let probing = core.auth.auth == Auth::Unknown && !core.answered
-        || matches!(core.destination.reach, Reach::Unreachable | Reach::Throttled);
-    let limit = if probing { 1 } else { core.settings.concurrency };
+        || matches!(
+            core.destination.reach,
+            Reach::Unreachable | Reach::Throttled
+        );
+    let limit = if probing {
+        1
+    } else {
+        core.settings.concurrency
+    };
     let mut running = in_flight;
     while running < limit {
         match take(core, now, false) {
@@ -627,14 +770,24 @@ fn plan(core: &mut Core) -> (Vec<Job>, Option<u64>) {
             None => break,
         }
     }
-    let next = if running >= limit { None } else { core.queue.next_due_at() };
+    let next = if running >= limit {
+        None
+    } else {
+        core.queue.next_due_at()
+    };
     (jobs, next)
 }
 
 impl Job {
     fn into_probe(self) -> Job {
         match self {
-            Job::Upload { record, progress, .. } => Job::Upload { record, probe: true, progress },
+            Job::Upload {
+                record, progress, ..
+            } => Job::Upload {
+                record,
+                probe: true,
+                progress,
+            },
             other => other,
         }
     }
@@ -651,9 +804,17 @@ fn take(core: &mut Core, now: u64, ignore_backoff: bool) -> Option<Job> {
     let progress = Arc::new(AtomicU64::new(0));
     core.uploads.insert(
         record.id,
-        InFlight { file: record.file.clone(), size: record.size, bytes_sent: progress.clone() },
+        InFlight {
+            file: record.file.clone(),
+            size: record.size,
+            bytes_sent: progress.clone(),
+        },
     );
-    Some(Job::Upload { record, probe: false, progress })
+    Some(Job::Upload {
+        record: Box::new(record),
+        probe: false,
+        progress,
+    })
 }
 
 fn complete_bare_probe(shared: &Shared, outcome: Outcome) {
@@ -682,13 +843,20 @@ fn complete_bare_probe(shared: &Shared, outcome: Outcome) {
 /// During a hold, a probe that could not reach the server is repeated on the
 /// destination's schedule, which is shorter than `auth_probe_ms`.
 fn shorten_probe(core: &mut Core) {
-    if let (Some(probe), Some(retry)) = (core.auth.next_probe_at, core.destination.next_attempt_at) {
+    if let (Some(probe), Some(retry)) = (core.auth.next_probe_at, core.destination.next_attempt_at)
+    {
         core.auth.next_probe_at = Some(probe.min(retry));
     }
 }
 
 /// Applies the result of one upload.
-async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: Attempt, elapsed: Duration) {
+async fn complete(
+    shared: &Arc<Shared>,
+    record: Record,
+    probe: bool,
+    attempt: Attempt,
+    elapsed: Duration,
+) {
     let id = record.id;
     let file = record.file.clone();
     let attempt_no = record.attempts + 1;
@@ -715,7 +883,11 @@ async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: At
             Attempt::Done(Outcome::Hold { kind, detail }) => {
                 let _ = core.queue.requeue(id, false, record.next_attempt_at, None);
                 if probe && core.auth.auth == Auth::Held(kind) {
-                    tracing::debug!(id, state = kind.as_str(), "the probe upload is still refused; the hold stays");
+                    tracing::debug!(
+                        id,
+                        state = kind.as_str(),
+                        "the probe upload is still refused; the hold stays"
+                    );
                 }
                 if !matches!(kind, HoldKind::ConfigError) || detail.contains("HTTP") {
                     core.note_reached();
@@ -726,7 +898,9 @@ async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: At
                 core.note_answer(false);
                 let delay = core.item_schedule().delay(attempt_no);
                 let next = now_ms() + delay.as_millis() as u64;
-                let _ = core.queue.requeue(id, true, Some(next), Some(detail.clone()));
+                let _ = core
+                    .queue
+                    .requeue(id, true, Some(next), Some(detail.clone()));
                 if core.last_logged_failure.as_deref() != Some(detail.as_str()) {
                     tracing::warn!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed; retrying later");
                     core.last_logged_failure = Some(detail.clone());
@@ -742,7 +916,12 @@ async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: At
                 }
             }
             Attempt::Done(Outcome::Unreachable { detail }) => {
-                let _ = core.queue.requeue(id, false, record.next_attempt_at, Some(format!("server unreachable: {detail}")));
+                let _ = core.queue.requeue(
+                    id,
+                    false,
+                    record.next_attempt_at,
+                    Some(format!("server unreachable: {detail}")),
+                );
                 core.note_unreachable(&detail);
                 if matches!(core.auth.auth, Auth::Held(_)) {
                     shorten_probe(&mut core);
@@ -759,7 +938,12 @@ async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: At
                     Err(err) => {
                         tracing::error!(id, file = %file, reason = %reason, error = %err, "the server rejected the file, and moving it to rejected/ failed; it stays queued");
                         let delay = core.item_schedule().delay(attempt_no);
-                        let _ = core.queue.requeue(id, true, Some(now_ms() + delay.as_millis() as u64), Some(reason.clone()));
+                        let _ = core.queue.requeue(
+                            id,
+                            true,
+                            Some(now_ms() + delay.as_millis() as u64),
+                            Some(reason.clone()),
+                        );
                     }
                 }
                 core.last_error = Some(format!("{file}: {reason}"));
@@ -778,7 +962,12 @@ async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: At
             Attempt::Local(LocalFault::Unreadable(why)) => {
                 let delay = core.item_schedule().delay(attempt_no);
                 tracing::warn!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %why, "the file cannot be read; retrying later");
-                let _ = core.queue.requeue(id, true, Some(now_ms() + delay.as_millis() as u64), Some(why));
+                let _ = core.queue.requeue(
+                    id,
+                    true,
+                    Some(now_ms() + delay.as_millis() as u64),
+                    Some(why),
+                );
             }
         }
     }

@@ -85,7 +85,11 @@ pub struct InFlight {
 /// The token as the daemon last read it.
 #[derive(Debug, Clone)]
 pub enum TokenState {
-    Ready { token: Token, source: String, warnings: Vec<String> },
+    Ready {
+        token: Token,
+        source: String,
+        warnings: Vec<String>,
+    },
     Missing(String),
     Invalid(String),
 }
@@ -93,9 +97,15 @@ pub enum TokenState {
 impl TokenState {
     pub fn from_lookup(lookup: TokenLookup) -> TokenState {
         match lookup {
-            TokenLookup::Found { token, source, warnings } => {
-                TokenState::Ready { token, source: source.to_string(), warnings }
-            }
+            TokenLookup::Found {
+                token,
+                source,
+                warnings,
+            } => TokenState::Ready {
+                token,
+                source: source.to_string(),
+                warnings,
+            },
             TokenLookup::Missing(text) => TokenState::Missing(text),
             TokenLookup::Invalid(text) => TokenState::Invalid(text),
         }
@@ -149,7 +159,10 @@ impl Core {
 
     pub fn destination_schedule(&self) -> Schedule {
         Schedule {
-            initial: self.settings.backoff_initial.min(self.settings.unreachable_max),
+            initial: self
+                .settings
+                .backoff_initial
+                .min(self.settings.unreachable_max),
             multiplier: self.settings.backoff_multiplier,
             max: self.settings.unreachable_max,
         }
@@ -159,18 +172,34 @@ impl Core {
     /// a server hold in place. Returns true when the auth state changed.
     pub fn apply_local_holds(&mut self) -> bool {
         let local = if !self.config_problems.is_empty() {
-            Some((HoldKind::ConfigError, HoldOrigin::Settings, self.config_problems.join("; ")))
+            Some((
+                HoldKind::ConfigError,
+                HoldOrigin::Settings,
+                self.config_problems.join("; "),
+            ))
         } else {
             match &self.token {
-                TokenState::Missing(text) => Some((HoldKind::TokenMissing, HoldOrigin::TokenSource, text.clone())),
-                TokenState::Invalid(text) => Some((HoldKind::TokenInvalid, HoldOrigin::TokenSource, text.clone())),
+                TokenState::Missing(text) => Some((
+                    HoldKind::TokenMissing,
+                    HoldOrigin::TokenSource,
+                    text.clone(),
+                )),
+                TokenState::Invalid(text) => Some((
+                    HoldKind::TokenInvalid,
+                    HoldOrigin::TokenSource,
+                    text.clone(),
+                )),
                 TokenState::Ready { .. } => None,
             }
         };
         match local {
             Some((kind, origin, detail)) => self.hold(kind, origin, detail),
-            None if self.auth.origin != HoldOrigin::Server && matches!(self.auth.auth, Auth::Held(_)) => {
-                self.set_unknown("the token and settings are valid again; the next upload probes the server");
+            None if self.auth.origin != HoldOrigin::Server
+                && matches!(self.auth.auth, Auth::Held(_)) =>
+            {
+                self.set_unknown(
+                    "the token and settings are valid again; the next upload probes the server",
+                );
                 true
             }
             None => false,
@@ -180,7 +209,8 @@ impl Core {
     /// Puts the queue on hold. Logs once per change of kind or detail.
     pub fn hold(&mut self, kind: HoldKind, origin: HoldOrigin, detail: String) -> bool {
         let now = now_ms();
-        let changed = self.auth.auth != Auth::Held(kind) || self.auth.detail.as_deref() != Some(&detail);
+        let changed =
+            self.auth.auth != Auth::Held(kind) || self.auth.detail.as_deref() != Some(&detail);
         let next_probe_at = match origin {
             HoldOrigin::Settings => None,
             HoldOrigin::TokenSource | HoldOrigin::Server => {
@@ -188,10 +218,7 @@ impl Core {
             }
         };
         if changed {
-            tracing::error!(
-                state = kind.as_str(),
-                "uploads are on hold: {detail}"
-            );
+            tracing::error!(state = kind.as_str(), "uploads are on hold: {detail}");
             if self.auth.auth != Auth::Held(kind) {
                 self.auth.since = Some(now);
             }
@@ -227,7 +254,10 @@ impl Core {
         if uploaded {
             if self.auth.auth != Auth::Ok {
                 match self.auth.auth {
-                    Auth::Held(kind) => tracing::info!(previous = kind.as_str(), "the probe upload succeeded; the hold is over and the queue drains"),
+                    Auth::Held(kind) => tracing::info!(
+                        previous = kind.as_str(),
+                        "the probe upload succeeded; the hold is over and the queue drains"
+                    ),
                     _ => tracing::info!("the server accepted an upload; auth ok"),
                 }
                 self.auth = AuthState {
@@ -284,14 +314,17 @@ impl Core {
     pub fn note_throttled(&mut self, pause: std::time::Duration, detail: &str) {
         let now = now_ms();
         let until = now + pause.as_millis() as u64;
-        if self.destination.reach != Reach::Throttled || self.destination.next_attempt_at.is_none_or(|at| at < until) {
+        if self.destination.reach != Reach::Throttled
+            || self.destination.next_attempt_at.is_none_or(|at| at < until)
+        {
             tracing::warn!(delay_ms = pause.as_millis() as u64, error = %detail, "the server asked to wait (Retry-After); all uploads pause");
         }
         if self.destination.reach != Reach::Throttled {
             self.destination.since = Some(now);
         }
         self.destination.reach = Reach::Throttled;
-        self.destination.next_attempt_at = Some(self.destination.next_attempt_at.unwrap_or(0).max(until));
+        self.destination.next_attempt_at =
+            Some(self.destination.next_attempt_at.unwrap_or(0).max(until));
         self.destination.last_error = Some(detail.to_string());
     }
 
@@ -300,7 +333,14 @@ impl Core {
         let mut rows: Vec<_> = self
             .uploads
             .iter()
-            .map(|(id, f)| (*id, f.file.clone(), f.bytes_sent.load(Ordering::Relaxed), f.size))
+            .map(|(id, f)| {
+                (
+                    *id,
+                    f.file.clone(),
+                    f.bytes_sent.load(Ordering::Relaxed),
+                    f.size,
+                )
+            })
             .collect();
         rows.sort();
         rows
