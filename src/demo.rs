@@ -34,7 +34,7 @@ impl Drop for DaemonProcess {
 }
 
 struct Demo {
-    root: tempfile::TempDir,
+    base: PathBuf,
     outbox: PathBuf,
     state_dir: PathBuf,
     stored: PathBuf,
@@ -57,12 +57,27 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         stored: base.join("received"),
         server_token: base.join("server-token"),
         daemon_token: base.join("daemon-token"),
-        root,
+        base: base.clone(),
         started: Instant::now(),
         dropped: 0,
     };
+    let result = run_steps(&mut demo).await;
+    if result.is_err() || keep {
+        // On failure the daemon's log is the evidence, so the folder stays.
+        let path = root.keep();
+        println!("the demo's files are kept in {}", path.display());
+    }
+    result
+}
+
+async fn run_steps(demo: &mut Demo) -> anyhow::Result<()> {
     write_private(&demo.server_token, FIRST_TOKEN)?;
     write_private(&demo.daemon_token, FIRST_TOKEN)?;
+    // An empty config file keeps the operator's own config out of the demo.
+    std::fs::write(
+        demo.base.join("config.toml"),
+        "# outboxd demo: every setting is a flag\n",
+    )?;
 
     let options = ReceiverOptions {
         dir: demo.stored.clone(),
@@ -141,10 +156,6 @@ pub async fn run(keep: bool) -> anyhow::Result<()> {
         demo.dropped,
         demo.delivered()
     ));
-    if keep {
-        let path = demo.root.keep();
-        println!("the demo's files are kept in {}", path.display());
-    }
     Ok(())
 }
 
@@ -155,12 +166,12 @@ impl Demo {
 
     fn start_daemon(&self, url: &str) -> anyhow::Result<DaemonProcess> {
         let exe = std::env::current_exe().context("finding the outboxd executable failed")?;
-        let log = std::fs::File::create(self.root.path().join("daemon.log"))
+        let log = std::fs::File::create(self.base.join("daemon.log"))
             .context("creating the daemon log failed")?;
         let child = Command::new(exe)
             .arg("run")
             .arg("--config")
-            .arg(self.root.path().join("no-config.toml"))
+            .arg(self.base.join("config.toml"))
             .arg("--outbox")
             .arg(&self.outbox)
             .arg("--state-dir")
@@ -225,7 +236,7 @@ impl Demo {
                     "only {} of {count} recordings arrived within {}s; see the daemon log in {}",
                     self.delivered(),
                     STEP_TIMEOUT.as_secs(),
-                    self.root.path().join("daemon.log").display()
+                    self.base.join("daemon.log").display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -254,7 +265,7 @@ impl Demo {
                 bail!(
                     "timed out after {}s waiting for {what}; see the daemon log in {}",
                     STEP_TIMEOUT.as_secs(),
-                    self.root.path().join("daemon.log").display()
+                    self.base.join("daemon.log").display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -131,8 +131,10 @@ impl Store {
                 .open();
             match result {
                 Ok(db) => break db,
+                // sled 0.34 reports its lock as ErrorKind::Other with this text.
                 Err(sled::Error::Io(err))
-                    if err.kind() == std::io::ErrorKind::WouldBlock
+                    if (err.kind() == std::io::ErrorKind::WouldBlock
+                        || err.to_string().contains("could not acquire lock"))
                         && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(50));

@@ -47,6 +47,18 @@ fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Option
     if !settings.state_dir.join("queue").exists() {
         return (Vec::new(), 0, None);
     }
+    // The shared lock keeps a daemon from starting while the queue is read; a
+    // daemon that holds the lock is starting or stopping and is not disturbed.
+    let Some(_lock) = crate::daemon::ReaderLock::try_acquire(&settings.state_dir) else {
+        return (
+            Vec::new(),
+            0,
+            Some(
+                "a daemon holds the state dir (it is starting or stopping); try again in a moment"
+                    .into(),
+            ),
+        );
+    };
     match Store::open_read(&settings.state_dir) {
         Ok(store) => {
             let uploaded = store.uploaded_total().unwrap_or(0);

@@ -16,6 +16,9 @@ use crate::intake::{move_no_replace, mtime_ns};
 use crate::queue::Queue;
 use crate::store::{ItemState, Record};
 
+/// How long a start waits for the state dir lock before it gives up.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Wait after a change to the token or config file before reading it.
 const WATCH_SETTLE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -93,9 +96,20 @@ impl StateLock {
             .truncate(false)
             .open(&path)
             .map_err(|err| format!("the lock file {} cannot be opened: {err}", path.display()))?;
-        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
+        // `status` and `list` take a shared lock for a few milliseconds while they
+        // read the queue of a stopped daemon, so a held lock is retried briefly
+        // before it counts as another daemon.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on an open descriptor has no memory-safety preconditions.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                break;
+            }
+            if std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
             let pid = std::fs::read_to_string(&path).unwrap_or_default();
             let pid = pid.trim();
             let pid = if pid.is_empty() {
@@ -113,6 +127,22 @@ impl StateLock {
         writeln!(file, "{}", std::process::id())
             .map_err(|err| format!("writing the lock file {} failed: {err}", path.display()))?;
         Ok(StateLock { _file: file })
+    }
+}
+
+/// A shared lock on `state_dir/lock`, held by `status` and `list` while they
+/// read the queue of a stopped daemon. `None` when a daemon holds the lock (it
+/// is starting or stopping) or no daemon ever ran there.
+pub struct ReaderLock {
+    _file: std::fs::File,
+}
+
+impl ReaderLock {
+    pub fn try_acquire(state_dir: &Path) -> Option<ReaderLock> {
+        let file = std::fs::File::open(state_dir.join("lock")).ok()?;
+        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        (rc == 0).then_some(ReaderLock { _file: file })
     }
 }
 
