@@ -402,20 +402,26 @@ impl Daemon {
     }
 
     /// Waits until `status` reports `daemon.running == true` with this pid.
+    /// Panics at once if the process exits first.
     pub fn wait_ready(&mut self) {
         let pid = self.pid() as i64;
         let mut last = None;
-        let ready = wait_until(READY_TIMEOUT, || {
+        let mut exit = None;
+        wait_until(READY_TIMEOUT, || {
             let status = self.home.status();
             let running = status.flag("/daemon/running") == Some(true);
             let same_pid = status.number("/daemon/pid") == Some(pid);
             last = Some(status);
-            running && same_pid
+            exit = self.try_exit_status();
+            (running && same_pid) || exit.is_some()
         });
-        if !ready {
-            let exit = self.try_exit_status();
+        let ready = last.as_ref().is_some_and(|status| {
+            status.flag("/daemon/running") == Some(true)
+                && status.number("/daemon/pid") == Some(pid)
+        });
+        if !ready || exit.is_some() {
             panic!(
-                "daemon pid {pid} not ready within {READY_TIMEOUT:?}; process exit: {exit:?}; last status: {last:?}"
+                "daemon pid {pid} did not become ready (timeout {READY_TIMEOUT:?}); process exit: {exit:?}; last status: {last:?}"
             );
         }
     }
