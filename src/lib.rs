@@ -5,10 +5,19 @@
 //! The binary (`src/main.rs`) is a thin command-line layer over this library, so
 //! that tests and benchmarks can drive the same code.
 
+pub mod cli;
 pub mod config;
-pub mod receiver;
-pub mod token;
-pub mod zipfile;
+pub mod control;
+pub mod daemon;
 pub mod intake;
-pub mod upload;
+pub mod outcome;
+pub mod queue;
+pub mod receiver;
+pub mod retry;
+pub mod status;
+pub mod store;
+pub mod systemd;
 pub mod timefmt;
+pub mod token;
+pub mod upload;
+pub mod zipfile;

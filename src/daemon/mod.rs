@@ -1,0 +1,807 @@
+//! `outboxd run`: start-up checks, the lock on the state dir, the dispatcher
+//! that starts uploads, the handling of their results, reloads, and shutdown.
+
+mod files;
+mod state;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+
+use crate::config::{Loaded, RawSettings, Settings};
+use crate::control;
+use crate::intake::{self, IntakeConfig, IntakeRequest, IncludeMatcher, QueueSink};
+use crate::outcome::{HoldKind, Outcome};
+use crate::queue::{FileFacts, Queue};
+use crate::status::{self, StatusReport};
+use crate::store::{ItemState, Record, Store};
+use crate::timefmt::{now_ms, rfc3339};
+use crate::token;
+use crate::upload::{Attempt, LocalFault, UploadJob, Uploader};
+
+pub use files::{count_rejected, prepare_dirs, StateLock};
+pub use state::{Auth, Reach};
+use state::{AuthState, Core, DestinationState, HoldOrigin, InFlight, TokenState};
+
+/// Why `run` stopped before the daemon was up. `code` is the exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StartError {
+    pub code: i32,
+    pub message: String,
+}
+
+/// How the daemon was started, kept for reloads.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    pub config_flag: Option<PathBuf>,
+    pub flags: RawSettings,
+}
+
+/// The state shared by the daemon's tasks.
+pub struct Shared {
+    core: Mutex<Core>,
+    wake: Notify,
+    launch: Launch,
+    store: Store,
+    intake: Mutex<Option<mpsc::UnboundedSender<IntakeRequest>>>,
+    started_at: u64,
+}
+
+impl Shared {
+    fn core(&self) -> MutexGuard<'_, Core> {
+        // A panic while the lock was held leaves the state as it was at the
+        // panic; the daemon keeps serving rather than failing every task.
+        self.core.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn examine(&self, file: &str) {
+        if let Some(tx) = self.intake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(IntakeRequest::Examine(file.to_string()));
+        }
+    }
+
+    fn rescan(&self) {
+        if let Some(tx) = self.intake.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = tx.send(IntakeRequest::Rescan);
+        }
+    }
+}
+
+impl QueueSink for Shared {
+    fn is_known(&self, name: &str, size: u64, mtime_ns: i128, inode: u64) -> bool {
+        let core = self.core();
+        core.queue.by_name(name).is_some_and(|record| {
+            record.size == size && record.mtime_ns == mtime_ns && (record.inode == 0 || record.inode == inode)
+        })
+    }
+
+    fn accept(&self, facts: FileFacts) {
+        let file = facts.file.clone();
+        let size = facts.size;
+        let result = self.core().queue.accept(facts);
+        match result {
+            Ok(id) => {
+                tracing::debug!(id, file = %file, size, "queued");
+                self.wake.notify_one();
+            }
+            Err(err) => {
+                tracing::error!(file = %file, error = %err, "recording a file in the queue failed; the file stays in the outbox and is tried at the next rescan")
+            }
+        }
+    }
+
+    fn forget_missing(&self, present: &HashSet<String>) {
+        let mut core = self.core();
+        let gone: Vec<(u64, String)> = core
+            .queue
+            .records()
+            .filter(|r| r.state == ItemState::Pending && !present.contains(&r.file))
+            .map(|r| (r.id, r.file.clone()))
+            .collect();
+        for (id, file) in gone {
+            tracing::info!(id, file = %file, "the file left the outbox before it was uploaded; its record is dropped");
+            if let Err(err) = core.queue.remove(id) {
+                tracing::error!(id, error = %err, "dropping a queue record failed");
+            }
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. Errors are start-up failures.
+pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
+    let Loaded { settings, problems } = loaded;
+    let settings = Arc::new(settings);
+    prepare_dirs(&settings).map_err(|message| StartError { code: 2, message })?;
+    let lock = StateLock::acquire(&settings.state_dir).map_err(|message| StartError { code: 1, message })?;
+
+    let store = Store::open(&settings.state_dir).map_err(|err| StartError { code: 1, message: err.to_string() })?;
+    let mut queue = Queue::load(store.clone(), settings.backoff_max)
+        .map_err(|err| StartError { code: 1, message: err.to_string() })?;
+    match queue.prune_uploaded(now_ms(), settings.uploaded_retention) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(records = n, "pruned records of old uploads"),
+        Err(err) => tracing::warn!(error = %err, "pruning records of old uploads failed"),
+    }
+    files::finish_interrupted(&settings, &mut queue);
+
+    let mut config_problems = problems;
+    let uploader = build_uploader(&settings, &mut config_problems);
+    let token = TokenState::from_lookup(token::lookup_from_process(&settings.token));
+    let mut core = Core {
+        settings: settings.clone(),
+        config_problems,
+        uploader,
+        token,
+        queue,
+        auth: AuthState { auth: Auth::Unknown, origin: HoldOrigin::Server, since: None, detail: None, next_probe_at: None },
+        answered: false,
+        destination: DestinationState { reach: Reach::Unknown, since: None, next_attempt_at: None, last_error: None, failures: 0 },
+        uploads: Default::default(),
+        bare_probe_in_flight: false,
+        last_success_at: None,
+        last_error: None,
+        last_logged_failure: None,
+        shutting_down: false,
+    };
+    log_token_warnings(&core.token);
+    core.apply_local_holds();
+
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        wake: Notify::new(),
+        launch,
+        store: store.clone(),
+        intake: Mutex::new(None),
+        started_at: now_ms(),
+    });
+
+    let intake_config = IntakeConfig {
+        outbox: settings.outbox.clone(),
+        include: IncludeMatcher::new(&settings.include).unwrap_or_else(|_| IncludeMatcher::new("*.zip").expect("*.zip is a valid glob")),
+        settle: settings.settle,
+        reject_after: settings.reject_after,
+        rescan: settings.rescan,
+    };
+    let (intake_tx, intake_task) = intake::start(intake_config, shared.clone())
+        .await
+        .map_err(|err| StartError { code: 1, message: format!("{err:#}") })?;
+    *shared.intake.lock().unwrap_or_else(|p| p.into_inner()) = Some(intake_tx);
+
+    let _watcher = files::watch_token_and_config(&settings, shared.clone());
+    let control_task = control::serve(&settings.state_dir, shared.clone())
+        .map_err(|message| StartError { code: 1, message })?;
+
+    let pending = shared.core().queue.pending_len();
+    tracing::info!(
+        pid = std::process::id(),
+        outbox = %settings.outbox.display(),
+        state_dir = %settings.state_dir.display(),
+        server_url = settings.server_url.as_deref().unwrap_or("(not set)"),
+        pending,
+        version = env!("CARGO_PKG_VERSION"),
+        "outboxd started"
+    );
+    crate::systemd::ready(&status_line(&shared));
+
+    let dispatcher = tokio::spawn(dispatch(shared.clone()));
+    wait_for_signals(&shared).await;
+
+    // Shutdown: no new uploads; those in flight get the grace period.
+    shared.core().shutting_down = true;
+    shared.wake.notify_one();
+    crate::systemd::stopping();
+    let grace = settings.shutdown_grace;
+    let in_flight = match dispatcher.await {
+        Ok(set) => set,
+        Err(_) => JoinSet::new(),
+    };
+    drain(in_flight, grace).await;
+    {
+        let mut core = shared.core();
+        let ids: Vec<u64> = core.uploads.keys().copied().collect();
+        for id in ids {
+            let _ = core.queue.requeue(id, false, None, None);
+        }
+        core.uploads.clear();
+    }
+    if let Err(err) = store.flush().await {
+        tracing::error!(error = %err, "flushing the queue at shutdown failed");
+    }
+    control_task.abort();
+    intake_task.abort();
+    control::remove_socket(&settings.state_dir);
+    drop(lock);
+    tracing::info!("outboxd stopped");
+    Ok(())
+}
+
+fn build_uploader(settings: &Settings, problems: &mut Vec<String>) -> Option<Uploader> {
+    if settings.server_url.is_none() || !problems.is_empty() && problems.iter().any(|p| p.starts_with("server_url")) {
+        if !problems.iter().any(|p| p.starts_with("server_url")) {
+            problems.push("server_url is not set; set it in the config file, OUTBOXD_SERVER_URL or --server-url".into());
+        }
+        return None;
+    }
+    match Uploader::new(settings) {
+        Ok(uploader) => Some(uploader),
+        Err(problem) => {
+            if !problems.contains(&problem) {
+                problems.push(problem);
+            }
+            None
+        }
+    }
+}
+
+fn log_token_warnings(token: &TokenState) {
+    if let TokenState::Ready { warnings, .. } = token {
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+    }
+}
+
+async fn wait_for_signals(shared: &Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler failed");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler failed");
+    let mut hup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler failed");
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received; stopping"); return; }
+            _ = int.recv() => { tracing::info!("SIGINT received; stopping"); return; }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received; reloading the configuration and the token");
+                reload(shared);
+            }
+        }
+    }
+}
+
+/// Waits up to `grace` for uploads in flight, then aborts the rest.
+async fn drain(mut in_flight: JoinSet<()>, grace: Duration) {
+    if in_flight.is_empty() {
+        return;
+    }
+    tracing::info!(uploads = in_flight.len(), grace_ms = grace.as_millis() as u64, "waiting for uploads in flight");
+    let deadline = tokio::time::Instant::now() + grace;
+    loop {
+        tokio::select! {
+            next = in_flight.join_next() => if next.is_none() { return },
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(uploads = in_flight.len(), "uploads still in flight after the grace period are aborted; they stay pending");
+                in_flight.abort_all();
+                while in_flight.join_next().await.is_some() {}
+                return;
+            }
+        }
+    }
+}
+
+/// Reloads the settings and the token (SIGHUP, or the config file changed).
+/// A new configuration with faults is rejected while the running one is valid.
+pub fn reload(shared: &Arc<Shared>) {
+    crate::systemd::reloading();
+    let loaded = crate::config::load_from_process(shared.launch.config_flag.as_deref(), shared.launch.flags.clone());
+    {
+        let mut core = shared.core();
+        let mut problems = loaded.problems;
+        let uploader = build_uploader(&loaded.settings, &mut problems);
+        if !problems.is_empty() && core.config_problems.is_empty() {
+            tracing::error!(
+                "the new configuration is rejected and the running one is kept: {}",
+                problems.join("; ")
+            );
+        } else {
+            let mut settings = loaded.settings;
+            if settings.outbox != core.settings.outbox || settings.state_dir != core.settings.state_dir {
+                tracing::warn!("outbox and state_dir changes take effect only after a restart");
+                settings.outbox = core.settings.outbox.clone();
+                settings.state_dir = core.settings.state_dir.clone();
+            }
+            core.settings = Arc::new(settings);
+            core.config_problems = problems;
+            core.uploader = uploader;
+            tracing::info!("configuration reloaded");
+            // A new configuration may fix a server-side hold (URL, CA file).
+            if core.auth.origin != HoldOrigin::Settings && matches!(core.auth.auth, Auth::Held(_)) {
+                core.set_unknown("the configuration was reloaded");
+            }
+            if core.auth.origin == HoldOrigin::Settings && core.config_problems.is_empty() {
+                core.set_unknown("the configuration is valid again");
+            }
+        }
+        refresh_token(&mut core, true);
+        core.destination.next_attempt_at = None;
+    }
+    shared.wake.notify_one();
+    crate::systemd::ready(&status_line(shared));
+}
+
+/// Reads the token again. A changed token, or `force`, ends a hold that the
+/// token may have caused, so that the next upload probes it.
+fn refresh_token(core: &mut Core, force: bool) {
+    let fresh = TokenState::from_lookup(token::lookup_from_process(&core.settings.token));
+    let changed = fresh.identity() != core.token.identity();
+    if changed {
+        if let TokenState::Ready { token, source, .. } = &fresh {
+            tracing::info!(source = %source, fingerprint = %token.fingerprint(), "the token changed");
+        }
+        log_token_warnings(&fresh);
+    }
+    core.token = fresh;
+    let local_changed = core.apply_local_holds();
+    if (changed || force) && !local_changed && core.auth.origin == HoldOrigin::Server {
+        if let Auth::Held(kind) = core.auth.auth {
+            if changed || matches!(kind, HoldKind::TokenRejected | HoldKind::Forbidden | HoldKind::ConfigError) {
+                core.auth.next_probe_at = Some(now_ms());
+            }
+        }
+    }
+}
+
+/// Token file or config file changed on disk.
+pub fn on_watched_change(shared: &Arc<Shared>, config_changed: bool) {
+    if config_changed {
+        tracing::info!("the config file changed; reloading");
+        reload(shared);
+        return;
+    }
+    {
+        let mut core = shared.core();
+        refresh_token(&mut core, false);
+    }
+    shared.wake.notify_one();
+}
+
+/// What `outboxd retry` asked for.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RetryRequest {
+    #[serde(default)]
+    pub ids: Vec<u64>,
+    #[serde(default)]
+    pub rejected: bool,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct RetryResult {
+    pub cleared: usize,
+    pub requeued_rejected: usize,
+    pub probing: bool,
+    pub unknown_ids: Vec<u64>,
+}
+
+/// Clears backoff and probes a hold now.
+pub fn retry(shared: &Arc<Shared>, request: &RetryRequest) -> RetryResult {
+    let mut result = RetryResult::default();
+    {
+        let mut core = shared.core();
+        result.unknown_ids = request.ids.iter().copied().filter(|id| core.queue.get(*id).is_none()).collect();
+        result.cleared = core.queue.clear_backoff(&request.ids).unwrap_or_else(|err| {
+            tracing::error!(error = %err, "clearing backoff failed");
+            0
+        });
+        refresh_token(&mut core, true);
+        if matches!(core.auth.auth, Auth::Held(_)) && core.auth.origin != HoldOrigin::Settings {
+            core.auth.next_probe_at = Some(now_ms());
+            result.probing = true;
+        }
+        core.destination.next_attempt_at = None;
+        if core.destination.reach == Reach::Unreachable {
+            core.destination.failures = 0;
+        }
+        if request.rejected {
+            let outbox = core.settings.outbox.clone();
+            drop(core);
+            result.requeued_rejected = files::requeue_rejected(&outbox);
+        }
+    }
+    tracing::info!(cleared = result.cleared, rejected = result.requeued_rejected, probing = result.probing, "retry requested");
+    if request.rejected {
+        shared.rescan();
+    }
+    shared.wake.notify_one();
+    result
+}
+
+/// One line for `systemctl --user status`.
+pub fn status_line(shared: &Shared) -> String {
+    let core = shared.core();
+    let counts = core.queue.counts();
+    let auth = match core.auth.auth {
+        Auth::Held(kind) => format!("ON HOLD: {}", kind.as_str()),
+        Auth::Ok => "auth ok".into(),
+        Auth::Unknown => "auth unknown".into(),
+    };
+    format!(
+        "{} pending, {} uploading; {auth}; destination {}",
+        counts.pending,
+        counts.uploading,
+        core.destination.reach.as_str()
+    )
+}
+
+/// Builds the `status --json` document.
+pub fn status_report(shared: &Shared) -> StatusReport {
+    let core = shared.core();
+    let counts = core.queue.counts();
+    let auth_state = match core.auth.auth {
+        Auth::Unknown => "unknown",
+        Auth::Ok => "ok",
+        Auth::Held(kind) => kind.as_str(),
+    };
+    let mut warnings = Vec::new();
+    if let TokenState::Ready { warnings: token_warnings, .. } = &core.token {
+        warnings.extend(token_warnings.iter().cloned());
+    }
+    if let Some(warning) = files::low_space_warning(&core.settings.outbox) {
+        warnings.push(warning);
+    }
+    let uploaded = shared.store.uploaded_total().unwrap_or(0);
+    StatusReport {
+        daemon: status::DaemonStatus {
+            running: true,
+            pid: Some(std::process::id()),
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: Some(rfc3339(shared.started_at)),
+        },
+        server_url: core.settings.server_url.clone().unwrap_or_default(),
+        auth: status::AuthStatus {
+            state: auth_state.into(),
+            since: core.auth.since.map(rfc3339),
+            detail: core.auth.detail.clone(),
+            next_probe_at: core.auth.next_probe_at.map(rfc3339),
+        },
+        destination: status::DestinationStatus {
+            state: core.destination.reach.as_str().into(),
+            since: core.destination.since.map(rfc3339),
+            next_attempt_at: core.destination.next_attempt_at.map(rfc3339),
+            last_error: core.destination.last_error.clone(),
+        },
+        queue: status::QueueStatus {
+            pending: counts.pending,
+            uploading: counts.uploading,
+            uploaded,
+            rejected: files::count_rejected(&core.settings.outbox),
+            pending_bytes: counts.pending_bytes,
+            oldest_pending_at: counts.oldest_pending_at.map(rfc3339),
+        },
+        uploads: core
+            .upload_progress()
+            .into_iter()
+            .map(|(id, file, bytes_sent, size)| status::UploadStatus { id: id.to_string(), file, bytes_sent, size })
+            .collect(),
+        last_success_at: core.last_success_at.map(rfc3339),
+        last_error: core.last_error.clone(),
+        warnings,
+        outbox: core.settings.outbox.display().to_string(),
+        state_dir: core.settings.state_dir.display().to_string(),
+        token_fingerprint: core.token.token().map(|t| t.fingerprint()),
+    }
+}
+
+/// Records of the queue for `outboxd list`.
+pub fn list_records(shared: &Shared) -> Vec<Record> {
+    let core = shared.core();
+    core.queue.records().cloned().collect()
+}
+
+/// Work that `plan` hands to the dispatcher.
+enum Job {
+    Upload { record: Record, probe: bool, progress: Arc<AtomicU64> },
+    BareProbe,
+}
+
+/// Starts uploads while the state allows, and sleeps until the next reason to
+/// look again. Returns the uploads in flight when shutdown begins.
+async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
+    let mut in_flight = JoinSet::new();
+    let watchdog = crate::systemd::watchdog_interval();
+    let mut last_status = String::new();
+    loop {
+        let (jobs, wake_at, stopping, uploader, token) = {
+            let mut core = shared.core();
+            let (jobs, wake_at) = plan(&mut core);
+            (jobs, wake_at, core.shutting_down, core.uploader.clone(), core.token.token().cloned())
+        };
+        if stopping {
+            return in_flight;
+        }
+        for job in jobs {
+            let (Some(uploader), Some(token)) = (uploader.clone(), token.clone()) else { break };
+            let shared = shared.clone();
+            in_flight.spawn(async move {
+                match job {
+                    Job::Upload { record, probe, progress } => {
+                        let job = UploadJob {
+                            path: shared.core().settings.outbox.join(&record.file),
+                            file_name: record.file.clone(),
+                            session_id: record.session_id.clone(),
+                            size: record.size,
+                            sha256: record.sha256.clone(),
+                            mtime_ns: record.mtime_ns,
+                            inode: record.inode,
+                        };
+                        let started = std::time::Instant::now();
+                        let attempt = uploader.upload(&job, &token, progress).await;
+                        complete(&shared, record, probe, attempt, started.elapsed()).await;
+                    }
+                    Job::BareProbe => {
+                        let outcome = uploader.probe(&token).await;
+                        complete_bare_probe(&shared, outcome);
+                    }
+                }
+                shared.wake.notify_one();
+            });
+        }
+
+        let line = status_line(&shared);
+        if line != last_status {
+            crate::systemd::status(&line);
+            last_status = line;
+        }
+
+        let now = now_ms();
+        let mut sleep_ms = wake_at.map_or(30_000, |at| at.saturating_sub(now)).clamp(1, 30_000);
+        if let Some(interval) = watchdog {
+            crate::systemd::watchdog();
+            sleep_ms = sleep_ms.min(interval.as_millis() as u64);
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+        }
+    }
+}
+
+/// Decides which uploads start now. Returns them and the next time to look.
+fn plan(core: &mut Core) -> (Vec<Job>, Option<u64>) {
+    let now = now_ms();
+    let mut jobs = Vec::new();
+    if core.shutting_down {
+        return (jobs, None);
+    }
+    let max_delay = core.settings.backoff_max;
+    if let Err(err) = core.queue.clamp_future(now, max_delay) {
+        tracing::error!(error = %err, "updating the queue failed");
+    }
+    let in_flight = core.uploads.len() + usize::from(core.bare_probe_in_flight);
+
+    if let Auth::Held(_) = core.auth.auth {
+        let next_probe = core.auth.next_probe_at;
+        match core.auth.origin {
+            HoldOrigin::Settings => return (jobs, None),
+            HoldOrigin::TokenSource => {
+                if next_probe.is_some_and(|at| at <= now) {
+                    refresh_token(core, false);
+                    if let Auth::Held(_) = core.auth.auth {
+                        core.auth.next_probe_at = Some(now + core.settings.auth_probe.as_millis() as u64);
+                        return (jobs, core.auth.next_probe_at);
+                    }
+                } else {
+                    return (jobs, next_probe);
+                }
+            }
+            HoldOrigin::Server => {
+                if in_flight > 0 || next_probe.is_some_and(|at| at > now) {
+                    return (jobs, next_probe);
+                }
+                // One probe: the oldest pending upload, whatever its backoff, or a
+                // bare probe request when the queue is empty.
+                core.auth.next_probe_at = Some(now + core.settings.auth_probe.as_millis() as u64);
+                match take(core, now, true) {
+                    Some(job) => jobs.push(job.into_probe()),
+                    None => {
+                        core.bare_probe_in_flight = true;
+                        jobs.push(Job::BareProbe);
+                    }
+                }
+                return (jobs, core.auth.next_probe_at);
+            }
+        }
+    }
+
+    // Not held. The destination may be backing off or paused.
+    if let Some(at) = core.destination.next_attempt_at {
+        if at > now {
+            return (jobs, Some(at));
+        }
+    }
+    let probing = core.auth.auth == Auth::Unknown && !core.answered
+        || matches!(core.destination.reach, Reach::Unreachable | Reach::Throttled);
+    let limit = if probing { 1 } else { core.settings.concurrency };
+    let mut running = in_flight;
+    while running < limit {
+        match take(core, now, false) {
+            Some(job) => {
+                jobs.push(if probing { job.into_probe() } else { job });
+                running += 1;
+            }
+            None => break,
+        }
+    }
+    let next = if running >= limit { None } else { core.queue.next_due_at() };
+    (jobs, next)
+}
+
+impl Job {
+    fn into_probe(self) -> Job {
+        match self {
+            Job::Upload { record, progress, .. } => Job::Upload { record, probe: true, progress },
+            other => other,
+        }
+    }
+}
+
+fn take(core: &mut Core, now: u64, ignore_backoff: bool) -> Option<Job> {
+    let record = match core.queue.take_due(now, ignore_backoff) {
+        Ok(record) => record?,
+        Err(err) => {
+            tracing::error!(error = %err, "taking an item from the queue failed");
+            return None;
+        }
+    };
+    let progress = Arc::new(AtomicU64::new(0));
+    core.uploads.insert(
+        record.id,
+        InFlight { file: record.file.clone(), size: record.size, bytes_sent: progress.clone() },
+    );
+    Some(Job::Upload { record, probe: false, progress })
+}
+
+fn complete_bare_probe(shared: &Shared, outcome: Outcome) {
+    let mut core = shared.core();
+    core.bare_probe_in_flight = false;
+    match outcome {
+        Outcome::Uploaded { .. } => {
+            core.set_unknown("the probe request was accepted");
+            core.note_reached();
+        }
+        Outcome::Hold { kind, detail } => {
+            core.note_reached();
+            core.hold(kind, HoldOrigin::Server, detail);
+        }
+        Outcome::Unreachable { detail } => {
+            core.note_unreachable(&detail);
+            shorten_probe(&mut core);
+        }
+        Outcome::Transient { detail, .. } | Outcome::Rejected { reason: detail } => {
+            tracing::debug!(error = %detail, "the probe request got an inconclusive answer; still on hold");
+            core.note_reached();
+        }
+    }
+}
+
+/// During a hold, a probe that could not reach the server is repeated on the
+/// destination's schedule, which is shorter than `auth_probe_ms`.
+fn shorten_probe(core: &mut Core) {
+    if let (Some(probe), Some(retry)) = (core.auth.next_probe_at, core.destination.next_attempt_at) {
+        core.auth.next_probe_at = Some(probe.min(retry));
+    }
+}
+
+/// Applies the result of one upload.
+async fn complete(shared: &Arc<Shared>, record: Record, probe: bool, attempt: Attempt, elapsed: Duration) {
+    let id = record.id;
+    let file = record.file.clone();
+    let attempt_no = record.attempts + 1;
+    let mut flush_then_finish = None;
+    {
+        let mut core = shared.core();
+        core.uploads.remove(&id);
+        match attempt {
+            Attempt::Done(Outcome::Uploaded { status }) => {
+                core.note_answer(true);
+                core.last_logged_failure = None;
+                match core.queue.mark_uploaded(id) {
+                    Ok(Some(done)) => {
+                        tracing::info!(id, file = %file, status, size = record.size, elapsed_ms = elapsed.as_millis() as u64, "uploaded");
+                        flush_then_finish = Some((done, core.settings.clone()));
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        tracing::error!(id, file = %file, error = %err, "recording the upload failed; the file is kept and will be sent again");
+                        let _ = core.queue.requeue(id, false, None, Some(err.to_string()));
+                    }
+                }
+            }
+            Attempt::Done(Outcome::Hold { kind, detail }) => {
+                let _ = core.queue.requeue(id, false, record.next_attempt_at, None);
+                if probe && core.auth.auth == Auth::Held(kind) {
+                    tracing::debug!(id, state = kind.as_str(), "the probe upload is still refused; the hold stays");
+                }
+                if !matches!(kind, HoldKind::ConfigError) || detail.contains("HTTP") {
+                    core.note_reached();
+                }
+                core.hold(kind, HoldOrigin::Server, detail);
+            }
+            Attempt::Done(Outcome::Transient { detail, pause }) => {
+                core.note_answer(false);
+                let delay = core.item_schedule().delay(attempt_no);
+                let next = now_ms() + delay.as_millis() as u64;
+                let _ = core.queue.requeue(id, true, Some(next), Some(detail.clone()));
+                if core.last_logged_failure.as_deref() != Some(detail.as_str()) {
+                    tracing::warn!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed; retrying later");
+                    core.last_logged_failure = Some(detail.clone());
+                } else {
+                    tracing::debug!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed again; retrying later");
+                }
+                core.last_error = Some(format!("{file}: {detail}"));
+                if let Some(pause) = pause {
+                    core.note_throttled(pause, &detail);
+                }
+                if matches!(core.auth.auth, Auth::Held(_)) {
+                    shorten_probe(&mut core);
+                }
+            }
+            Attempt::Done(Outcome::Unreachable { detail }) => {
+                let _ = core.queue.requeue(id, false, record.next_attempt_at, Some(format!("server unreachable: {detail}")));
+                core.note_unreachable(&detail);
+                if matches!(core.auth.auth, Auth::Held(_)) {
+                    shorten_probe(&mut core);
+                }
+            }
+            Attempt::Done(Outcome::Rejected { reason }) => {
+                core.note_answer(false);
+                let outbox = core.settings.outbox.clone();
+                match intake::reject(&outbox, std::ffi::OsStr::new(&file), &reason) {
+                    Ok(target) => {
+                        tracing::warn!(id, file = %file, reason = %reason, rejected = %target.display(), "the server rejected the file; moved to rejected/");
+                        let _ = core.queue.remove(id);
+                    }
+                    Err(err) => {
+                        tracing::error!(id, file = %file, reason = %reason, error = %err, "the server rejected the file, and moving it to rejected/ failed; it stays queued");
+                        let delay = core.item_schedule().delay(attempt_no);
+                        let _ = core.queue.requeue(id, true, Some(now_ms() + delay.as_millis() as u64), Some(reason.clone()));
+                    }
+                }
+                core.last_error = Some(format!("{file}: {reason}"));
+            }
+            Attempt::Local(LocalFault::Vanished) => {
+                tracing::info!(id, file = %file, "the file left the outbox before it was uploaded; its record is dropped");
+                let _ = core.queue.remove(id);
+            }
+            Attempt::Local(LocalFault::Changed(why)) => {
+                tracing::info!(id, file = %file, reason = %why, "the file changed; it is hashed and sent again");
+                let _ = core.queue.remove(id);
+                drop(core);
+                shared.examine(&file);
+                return;
+            }
+            Attempt::Local(LocalFault::Unreadable(why)) => {
+                let delay = core.item_schedule().delay(attempt_no);
+                tracing::warn!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %why, "the file cannot be read; retrying later");
+                let _ = core.queue.requeue(id, true, Some(now_ms() + delay.as_millis() as u64), Some(why));
+            }
+        }
+    }
+
+    if let Some((done, settings)) = flush_then_finish {
+        // The uploaded mark must be on disk before the file goes, so that a
+        // crash in between never makes the file look undelivered and lost.
+        if let Err(err) = shared.store.flush().await {
+            tracing::error!(id, file = %file, error = %err, "flushing the queue failed; the file is kept");
+            return;
+        }
+        if !files::finish_uploaded(&settings, &done) {
+            shared.examine(&done.file);
+        }
+    }
+}
+
+/// Paths of the state dir.
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Gives the control socket mode 0600.
+pub fn set_socket_mode(path: &Path) -> std::io::Result<()> {
+    files::set_mode(path, 0o600)
+}

@@ -1,0 +1,374 @@
+//! The in-memory index of the queue, written through to the `Store`.
+//!
+//! The daemon schedules from this index and never scans the database while it
+//! runs: pending items are ordered by their next attempt time, so that picking
+//! the next due item costs a logarithmic lookup even with 100,000 items.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+
+use crate::store::{ItemState, Record, Store, StoreError, RECORD_VERSION};
+use crate::timefmt::now_ms;
+
+/// What intake learned about a complete archive in the outbox.
+#[derive(Debug, Clone)]
+pub struct FileFacts {
+    pub file: String,
+    pub size: u64,
+    pub mtime_ns: i128,
+    pub inode: u64,
+    pub sha256: String,
+}
+
+impl FileFacts {
+    /// True when the record describes this same file content.
+    pub fn matches(&self, record: &Record) -> bool {
+        record.size == self.size
+            && record.mtime_ns == self.mtime_ns
+            && (record.inode == 0 || record.inode == self.inode)
+    }
+}
+
+/// Counts and ages for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueCounts {
+    pub pending: u64,
+    pub uploading: u64,
+    pub pending_bytes: u64,
+    pub oldest_pending_at: Option<u64>,
+}
+
+pub struct Queue {
+    store: Store,
+    items: HashMap<u64, Record>,
+    by_name: HashMap<String, u64>,
+    /// Pending items by (next attempt in ms since the epoch, id); 0 means due now.
+    due: BTreeSet<(u64, u64)>,
+}
+
+impl Queue {
+    /// Loads every record. `uploading` records become `pending`, because their
+    /// upload died with the previous process. A next attempt further away than
+    /// `max_delay` (the wall clock stepped back) counts as due.
+    pub fn load(store: Store, max_delay: Duration) -> Result<Queue, StoreError> {
+        let mut queue = Queue { store, items: HashMap::new(), by_name: HashMap::new(), due: BTreeSet::new() };
+        let horizon = now_ms() + max_delay.as_millis() as u64;
+        for mut record in queue.store.load_all()? {
+            let mut dirty = false;
+            if record.state == ItemState::Uploading {
+                record.state = ItemState::Pending;
+                dirty = true;
+            }
+            if record.next_attempt_at.is_some_and(|at| at > horizon) {
+                record.next_attempt_at = None;
+                dirty = true;
+            }
+            if dirty {
+                queue.store.put(&record)?;
+            }
+            if let Some(old) = queue.by_name.insert(record.file.clone(), record.id) {
+                // Two records for one file name: keep the newer.
+                queue.items.remove(&old);
+                queue.store.remove(old)?;
+            }
+            if record.state == ItemState::Pending {
+                queue.due.insert((record.next_attempt_at.unwrap_or(0), record.id));
+            }
+            queue.items.insert(record.id, record);
+        }
+        Ok(queue)
+    }
+
+    /// Returns every record as stored, for reading the queue of a stopped
+    /// daemon without changing it.
+    pub fn load_readonly(store: &Store) -> Result<Vec<Record>, StoreError> {
+        store.load_all()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Record> {
+        self.items.get(&id)
+    }
+
+    pub fn by_name(&self, file: &str) -> Option<&Record> {
+        self.by_name.get(file).and_then(|id| self.items.get(id))
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &Record> {
+        self.items.values()
+    }
+
+    /// Queues a file, or updates the record of a file of the same name whose
+    /// content changed (its attempts start again). Returns the item id.
+    pub fn accept(&mut self, facts: FileFacts) -> Result<u64, StoreError> {
+        if let Some(existing) = self.by_name(&facts.file) {
+            if existing.state == ItemState::Uploading {
+                // The upload in flight notices the change itself and re-queues.
+                return Ok(existing.id);
+            }
+            let id = existing.id;
+            self.remove(id)?;
+        }
+        let id = self.store.next_id()?;
+        let session_id = session_id_of(&facts.file);
+        let record = Record {
+            v: RECORD_VERSION,
+            id,
+            file: facts.file,
+            size: facts.size,
+            mtime_ns: facts.mtime_ns,
+            inode: facts.inode,
+            sha256: facts.sha256,
+            session_id,
+            state: ItemState::Pending,
+            attempts: 0,
+            next_attempt_at: None,
+            last_error: None,
+            queued_at: now_ms(),
+            uploaded_at: None,
+        };
+        self.store.put(&record)?;
+        self.by_name.insert(record.file.clone(), id);
+        self.due.insert((0, id));
+        self.items.insert(id, record);
+        Ok(id)
+    }
+
+    /// Takes the pending item that is due first, if one is due at `now`, and
+    /// marks it uploading. `ignore_backoff` takes the first pending item even if
+    /// it is not due, for a probe.
+    pub fn take_due(&mut self, now: u64, ignore_backoff: bool) -> Result<Option<Record>, StoreError> {
+        let Some(&(at, id)) = self.due.iter().next() else {
+            return Ok(None);
+        };
+        if at > now && !ignore_backoff {
+            return Ok(None);
+        }
+        self.due.remove(&(at, id));
+        let record = self.items.get_mut(&id).expect("due set and items agree");
+        record.state = ItemState::Uploading;
+        self.store.put(record)?;
+        Ok(Some(record.clone()))
+    }
+
+    /// Time of the earliest next attempt, if any item is pending.
+    pub fn next_due_at(&self) -> Option<u64> {
+        self.due.iter().next().map(|&(at, _)| at)
+    }
+
+    /// Makes due every pending item whose next attempt is further away than
+    /// `max_delay`, which happens only when the wall clock stepped back.
+    pub fn clamp_future(&mut self, now: u64, max_delay: Duration) -> Result<(), StoreError> {
+        let horizon = now + max_delay.as_millis() as u64;
+        while let Some(&(at, id)) = self.due.iter().next_back() {
+            if at <= horizon {
+                break;
+            }
+            self.due.remove(&(at, id));
+            self.due.insert((0, id));
+            if let Some(record) = self.items.get_mut(&id) {
+                record.next_attempt_at = None;
+                self.store.put(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts an item back to pending. `failed` counts an attempt; `next_attempt_at`
+    /// of `None` keeps the item due now.
+    pub fn requeue(
+        &mut self,
+        id: u64,
+        failed: bool,
+        next_attempt_at: Option<u64>,
+        error: Option<String>,
+    ) -> Result<(), StoreError> {
+        let Some(record) = self.items.get_mut(&id) else {
+            return Ok(());
+        };
+        if record.state == ItemState::Pending {
+            self.due.remove(&(record.next_attempt_at.unwrap_or(0), id));
+        }
+        record.state = ItemState::Pending;
+        if failed {
+            record.attempts = record.attempts.saturating_add(1);
+        }
+        record.next_attempt_at = next_attempt_at;
+        if error.is_some() {
+            record.last_error = error;
+        }
+        self.due.insert((record.next_attempt_at.unwrap_or(0), id));
+        self.store.put(record)
+    }
+
+    /// Makes pending items due now: the named ones, or all when `ids` is empty.
+    /// Returns how many were changed.
+    pub fn clear_backoff(&mut self, ids: &[u64]) -> Result<usize, StoreError> {
+        let targets: Vec<u64> = if ids.is_empty() {
+            self.due.iter().filter(|(at, _)| *at > 0).map(|&(_, id)| id).collect()
+        } else {
+            ids.to_vec()
+        };
+        let mut changed = 0;
+        for id in targets {
+            let Some(record) = self.items.get_mut(&id) else { continue };
+            if record.state != ItemState::Pending {
+                continue;
+            }
+            self.due.remove(&(record.next_attempt_at.unwrap_or(0), id));
+            record.next_attempt_at = None;
+            self.due.insert((0, id));
+            self.store.put(record)?;
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
+    /// Records a successful upload. The caller flushes the store before it
+    /// deletes or moves the file.
+    pub fn mark_uploaded(&mut self, id: u64) -> Result<Option<Record>, StoreError> {
+        let Some(record) = self.items.get_mut(&id) else {
+            return Ok(None);
+        };
+        if record.state == ItemState::Pending {
+            self.due.remove(&(record.next_attempt_at.unwrap_or(0), id));
+        }
+        record.state = ItemState::Uploaded;
+        record.uploaded_at = Some(now_ms());
+        record.next_attempt_at = None;
+        record.last_error = None;
+        let record = record.clone();
+        self.store.mark_uploaded(&record)?;
+        Ok(Some(record))
+    }
+
+    /// Forgets an item (file gone, rejected, or uploaded and cleaned up).
+    pub fn remove(&mut self, id: u64) -> Result<Option<Record>, StoreError> {
+        let Some(record) = self.items.remove(&id) else {
+            return Ok(None);
+        };
+        if record.state == ItemState::Pending {
+            self.due.remove(&(record.next_attempt_at.unwrap_or(0), id));
+        }
+        if self.by_name.get(&record.file) == Some(&id) {
+            self.by_name.remove(&record.file);
+        }
+        self.store.remove(id)?;
+        Ok(Some(record))
+    }
+
+    /// Removes uploaded records older than `retention`. Returns how many.
+    pub fn prune_uploaded(&mut self, now: u64, retention: Duration) -> Result<usize, StoreError> {
+        let cutoff = now.saturating_sub(retention.as_millis() as u64);
+        let old: Vec<u64> = self
+            .items
+            .values()
+            .filter(|r| r.state == ItemState::Uploaded && r.uploaded_at.unwrap_or(0) <= cutoff)
+            .map(|r| r.id)
+            .collect();
+        for id in &old {
+            self.remove(*id)?;
+        }
+        Ok(old.len())
+    }
+
+    pub fn counts(&self) -> QueueCounts {
+        let mut counts = QueueCounts::default();
+        for record in self.items.values() {
+            match record.state {
+                ItemState::Pending => {
+                    counts.pending += 1;
+                    counts.pending_bytes += record.size;
+                    counts.oldest_pending_at =
+                        Some(counts.oldest_pending_at.map_or(record.queued_at, |t| t.min(record.queued_at)));
+                }
+                ItemState::Uploading => {
+                    counts.uploading += 1;
+                    counts.pending_bytes += record.size;
+                    counts.oldest_pending_at =
+                        Some(counts.oldest_pending_at.map_or(record.queued_at, |t| t.min(record.queued_at)));
+                }
+                ItemState::Uploaded | ItemState::Rejected => {}
+            }
+        }
+        counts
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.due.len()
+    }
+}
+
+/// The session id of a file: its name without a `.zip` suffix (any case).
+pub fn session_id_of(file: &str) -> String {
+    let lower = file.to_ascii_lowercase();
+    if lower.ends_with(".zip") && file.len() > 4 {
+        file[..file.len() - 4].to_string()
+    } else {
+        file.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(name: &str) -> FileFacts {
+        FileFacts { file: name.into(), size: 10, mtime_ns: 5, inode: 9, sha256: "ab".into() }
+    }
+
+    fn open() -> (tempfile::TempDir, Queue) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let queue = Queue::load(store, Duration::from_secs(300)).unwrap();
+        (dir, queue)
+    }
+
+    #[test]
+    fn take_due_orders_by_time() {
+        let (_dir, mut queue) = open();
+        let a = queue.accept(facts("a.zip")).unwrap();
+        let b = queue.accept(facts("b.zip")).unwrap();
+        let now = now_ms();
+        let taken = queue.take_due(now, false).unwrap().unwrap();
+        assert_eq!(taken.id, a);
+        queue.requeue(a, true, Some(now + 10_000), Some("HTTP 500".into())).unwrap();
+        assert_eq!(queue.take_due(now, false).unwrap().unwrap().id, b);
+        assert!(queue.take_due(now, false).unwrap().is_none(), "a is backing off");
+        assert_eq!(queue.get(a).unwrap().attempts, 1);
+    }
+
+    #[test]
+    fn uploading_becomes_pending_on_load() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut queue = Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
+            queue.accept(facts("a.zip")).unwrap();
+            queue.take_due(now_ms(), false).unwrap().unwrap();
+            queue.store().flush_blocking().unwrap();
+        }
+        let queue = Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
+        assert_eq!(queue.by_name("a.zip").unwrap().state, ItemState::Pending);
+        assert_eq!(queue.counts().pending, 1);
+    }
+
+    #[test]
+    fn far_future_attempt_is_due() {
+        let (_dir, mut queue) = open();
+        let a = queue.accept(facts("a.zip")).unwrap();
+        queue.take_due(now_ms(), false).unwrap();
+        queue.requeue(a, true, Some(now_ms() + 86_400_000), None).unwrap();
+        queue.clamp_future(now_ms(), Duration::from_secs(300)).unwrap();
+        assert_eq!(queue.take_due(now_ms(), false).unwrap().map(|r| r.id), Some(a));
+    }
+
+    #[test]
+    fn session_id_strips_zip() {
+        assert_eq!(session_id_of("abc.zip"), "abc");
+        assert_eq!(session_id_of("abc.ZIP"), "abc");
+        assert_eq!(session_id_of("abc.tar"), "abc.tar");
+    }
+}
