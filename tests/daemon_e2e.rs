@@ -90,8 +90,8 @@ fn duplicates(server: &FaultServer, archives: &[Archive]) -> Vec<(String, usize)
         .collect()
 }
 
-/// Waits until every archive has been accepted and the outbox has no
-/// archive left, then asserts both, with the missing names in the message.
+/// Waits until every archive has been accepted and none of them is left in
+/// the outbox, then asserts both, with the names in the message.
 fn assert_all_delivered(
     daemon: &Daemon,
     server: &FaultServer,
@@ -104,11 +104,19 @@ fn assert_all_delivered(
         "archives not accepted within {timeout:?}: {:?}",
         undelivered(server, archives)
     );
-    let emptied = wait_until(STATE_TIMEOUT, || outbox_archives(daemon.home()).is_empty());
+    let left = || -> Vec<String> {
+        let names = outbox_archives(daemon.home());
+        archives
+            .iter()
+            .filter(|archive| names.contains(&archive.name))
+            .map(|archive| archive.name.clone())
+            .collect()
+    };
+    let removed = wait_until(STATE_TIMEOUT, || left().is_empty());
     assert!(
-        emptied,
-        "archives left in the outbox after delivery: {:?}",
-        outbox_archives(daemon.home())
+        removed,
+        "delivered archives still in the outbox: {:?}",
+        left()
     );
 }
 
@@ -170,6 +178,8 @@ fn renamed_archives_all_arrive() {
     drop_all(daemon.home(), &files);
 
     assert_all_delivered(&daemon, &server, &files, DELIVERY_TIMEOUT);
+    let left = daemon.home().outbox_files();
+    assert_eq!(left, Vec::<String>::new(), "files left in the outbox");
     assert_eq!(
         duplicates(&server, &files),
         vec![],
