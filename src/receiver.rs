@@ -999,7 +999,7 @@ impl StoredEntry {
             && self
                 .session_id
                 .as_deref()
-                .map_or(true, |session_id| session_id == record.session_id)
+                .is_none_or(|session_id| session_id == record.session_id)
     }
 }
 
