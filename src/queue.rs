@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::store::{ItemState, Record, Store, StoreError, RECORD_VERSION};
 use crate::timefmt::now_ms;
 
-/// What intake learned about a complete archive in the outbox.
+/// Facts intake found about a complete archive in the outbox.
 #[derive(Debug, Clone)]
 pub struct FileFacts {
     pub file: String,
@@ -325,7 +325,7 @@ impl Queue {
     }
 }
 
-/// The session id of a file: its name without a `.zip` suffix (any case).
+/// Returns the session id of a file: its name without a `.zip` suffix (any case).
 pub fn session_id_of(file: &str) -> String {
     let lower = file.to_ascii_lowercase();
     if lower.ends_with(".zip") && file.len() > 4 {

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 pub const RECORD_VERSION: u32 = 1;
 
 /// sled's page cache. Its default is about 1 GB, far more than a queue of small
-/// records needs; 16 MiB holds the working set of 100,000 records.
+/// records needs, and 16 MiB fits the working set of 100,000 records.
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How long `open` waits for sled's own file lock, which `outboxd status` may

@@ -383,7 +383,7 @@ fn verified_body(
     reqwest::Body::wrap_stream(stream)
 }
 
-/// A multipart file name that needs no quoting or escaping: characters other
+/// Returns a multipart file name that needs no quoting or escaping: characters other
 /// than ASCII letters, digits, `.`, `_`, `-` and `+` become `_`. The exact name
 /// travels in the session field.
 pub fn safe_file_name(name: &str) -> String {

@@ -81,7 +81,7 @@ fn ensure_dir(what: &str, path: &Path) -> Result<(), String> {
 }
 
 /// An exclusive lock on `state_dir/lock`, held for the daemon's life. The file
-/// holds the pid, so that a second daemon can name the first.
+/// contains the pid, so that a second daemon can name the first.
 pub struct StateLock {
     _file: std::fs::File,
 }
@@ -251,7 +251,7 @@ pub fn requeue_rejected(outbox: &Path) -> usize {
     moved
 }
 
-/// A warning when the outbox's filesystem is low on space.
+/// Returns a warning when the outbox's filesystem is low on space.
 pub fn low_space_warning(outbox: &Path) -> Option<String> {
     let path = std::ffi::CString::new(outbox.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statvfs writes only into the zeroed struct passed to it.
@@ -313,9 +313,8 @@ pub fn watch_token_and_config(
                 let shared = shared.clone();
                 let is_config = *is_config;
                 handle.spawn(async move {
-                    // A writer that truncates and rewrites in place produces
-                    // several events; reading at the first one could see an empty
-                    // file and log a spurious invalid token.
+                    // A writer that truncates and rewrites in place produces several
+                    // events. Reading at the first one could see an empty file.
                     tokio::time::sleep(WATCH_SETTLE).await;
                     super::on_watched_change(&shared, is_config)
                 });

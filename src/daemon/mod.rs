@@ -30,7 +30,7 @@ pub use files::{count_rejected, prepare_dirs, ReaderLock, StateLock};
 pub use state::{Auth, Reach};
 use state::{AuthState, Core, DestinationState, HoldOrigin, InFlight, TokenState};
 
-/// Why `run` stopped before the daemon was up. `code` is the exit code.
+/// A start-up failure of `run`, with the exit code to use.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StartError {
@@ -38,7 +38,7 @@ pub struct StartError {
     pub message: String,
 }
 
-/// How the daemon was started, kept for reloads.
+/// The command-line settings of `run`, kept for reloads.
 #[derive(Debug, Clone, Default)]
 pub struct Launch {
     pub config_flag: Option<PathBuf>,
@@ -415,7 +415,7 @@ pub fn on_watched_change(shared: &Arc<Shared>, config_changed: bool) {
     shared.wake.notify_one();
 }
 
-/// What `outboxd retry` asked for.
+/// The request of `outboxd retry`.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct RetryRequest {
     #[serde(default)]
@@ -478,7 +478,7 @@ pub fn retry(shared: &Arc<Shared>, request: &RetryRequest) -> RetryResult {
     result
 }
 
-/// One line for `systemctl --user status`.
+/// Returns the one-line state for `systemctl --user status`.
 pub fn status_line(shared: &Shared) -> String {
     let core = shared.core();
     let counts = core.queue.counts();
@@ -834,7 +834,7 @@ fn complete_bare_probe(shared: &Shared, outcome: Outcome) {
             shorten_probe(&mut core);
         }
         Outcome::Transient { detail, .. } | Outcome::Rejected { reason: detail } => {
-            tracing::debug!(error = %detail, "the probe request got an inconclusive answer; still on hold");
+            tracing::debug!(error = %detail, "the probe response was inconclusive; still on hold");
             core.note_reached();
         }
     }
