@@ -3,8 +3,8 @@
 //!
 //! Flags win over the environment, which wins over the file. A fault in any
 //! layer (a file that does not parse, an unknown key, a value out of range) does
-//! not stop the daemon: the value falls back to its default and the fault is
-//! listed in `Loaded::problems`, which the daemon turns into a `config_error`
+//! not stop the daemon. The value falls back to its default and the fault is
+//! listed in `Loaded::problems`. The daemon turns those into a `config_error`
 //! hold that `outboxd status` shows.
 
 use std::collections::BTreeMap;
@@ -37,7 +37,7 @@ pub struct RawSettings {
     /// Uploads in flight at once [default: 2]
     #[arg(long, value_name = "N")]
     pub concurrency: Option<u64>,
-    /// What to do with an uploaded file: delete, or move to sent/ [default: delete]
+    /// Action on an uploaded file: delete, or move to sent/ [default: delete]
     #[arg(long, value_name = "ACTION")]
     pub on_success: Option<String>,
     /// Glob on the file name, case-insensitive [default: *.zip]
@@ -79,7 +79,7 @@ pub struct RawSettings {
     /// Timeout in milliseconds to connect to the server [default: 10000]
     #[arg(long, value_name = "MS")]
     pub connect_timeout_ms: Option<u64>,
-    /// Timeout in milliseconds for the server to answer after the body was sent, or between reads [default: 60000]
+    /// Timeout in milliseconds between reads of the response, or for the response after the body was sent [default: 60000]
     #[arg(long, value_name = "MS")]
     pub read_timeout_ms: Option<u64>,
     /// Extra static form fields (config file only)
@@ -230,7 +230,7 @@ impl RawSettings {
     }
 }
 
-/// What to do with a file once the server has it.
+/// The action on a file once the server has it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnSuccess {
     Delete,
@@ -285,7 +285,7 @@ pub struct Loaded {
     pub problems: Vec<String>,
 }
 
-/// Where the config file is: `--config`, else `OUTBOXD_CONFIG`, else the XDG
+/// Returns the config file path: `--config`, else `OUTBOXD_CONFIG`, else the XDG
 /// default. The flag is `explicit`: a file named there must exist.
 pub fn config_path(flag: Option<&Path>, env: &impl Fn(&str) -> Option<String>) -> (PathBuf, bool) {
     if let Some(path) = flag {

@@ -167,7 +167,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Reply {
     }
 }
 
-/// Why a client request failed.
+/// The failure of a client request.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("the daemon is not running (no control socket answers at {0})")]

@@ -2,10 +2,10 @@
 //! completely written, and handing complete archives to the queue or moving
 //! broken ones to `rejected/`.
 //!
-//! A file counts as written when its writer closes it (inotify close-write), or
-//! when it is renamed in, or, where no close can be seen (files present at
-//! start, lost events), when its size and mtime have not changed for
-//! `settle_ms`. A written file that is a complete zip archive is hashed and
+//! A file counts as written when its writer closes it (inotify close-write) or
+//! when it is renamed in. Where no close can be seen (files present at start,
+//! lost events), it counts as written when its size and mtime have not changed
+//! for `settle_ms`. A written file that is a complete zip archive is hashed and
 //! queued; one that is not is rejected once it was closed and unchanged for
 //! `settle_ms`, or unchanged for `reject_after_ms`. A file still being written
 //! is never opened for upload, rejected or moved.
@@ -45,7 +45,7 @@ impl IncludeMatcher {
     }
 }
 
-/// The queue as intake sees it. The daemon implements it.
+/// The queue operations intake needs. The daemon implements them.
 pub trait QueueSink: Send + Sync + 'static {
     /// True when a record of this exact file (name, size, mtime, inode) exists.
     fn is_known(&self, name: &str, size: u64, mtime_ns: i128, inode: u64) -> bool;
@@ -74,12 +74,12 @@ pub struct IntakeConfig {
     pub rescan: Duration,
 }
 
-/// What is known about a file that is not queued yet.
+/// The observed state of a file that is not queued yet.
 #[derive(Debug, Clone)]
 struct Candidate {
     /// Size and mtime at the last look; a change restarts the quiet time.
     seen: Option<(u64, i128)>,
-    /// When the size or mtime last changed, or an event said it did.
+    /// When the size or mtime last changed, or an event reported a change.
     changed_at: Instant,
     /// A close-write or rename-in was seen since the last change.
     closed: bool,

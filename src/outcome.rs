@@ -5,7 +5,7 @@
 use std::error::Error as StdError;
 use std::time::{Duration, SystemTime};
 
-/// Why the queue is held as a whole. Names match `auth.state` in `status --json`.
+/// The cause of a hold of the whole queue. Names match `auth.state` in `status --json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HoldKind {
     TokenMissing,
@@ -27,7 +27,7 @@ impl HoldKind {
     }
 }
 
-/// What an upload attempt came to.
+/// The result class of an upload attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The server has the file (2xx, or 409 for a duplicate).
@@ -160,7 +160,7 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// The start of a response body on one line, for reasons and logs.
+/// Returns the start of a response body on one line, for reasons and logs.
 pub fn excerpt(body: &str) -> String {
     let flat: String = body
         .chars()

@@ -35,7 +35,7 @@ pub fn watchdog() {
     send(&[NotifyState::Watchdog]);
 }
 
-/// How often to ping the watchdog: half of `WATCHDOG_USEC`, or `None` when the
+/// Returns the watchdog ping interval: half of `WATCHDOG_USEC`, or `None` when the
 /// unit has no watchdog.
 pub fn watchdog_interval() -> Option<Duration> {
     std::env::var_os("NOTIFY_SOCKET")?;

@@ -45,7 +45,7 @@ impl fmt::Display for Token {
     }
 }
 
-/// Where a token came from, for messages that must name the source.
+/// The source of a token, for messages that must name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSource {
     File(PathBuf),
@@ -72,7 +72,7 @@ pub enum TokenLookup {
         /// Problems that do not stop the upload, such as a group-readable file.
         warnings: Vec<String>,
     },
-    /// No source has a token. The text says which sources were tried.
+    /// No source has a token. The text lists the sources that were tried.
     Missing(String),
     /// A source has a value that cannot be a token. The text names the source and
     /// the problem, never the value.

@@ -18,7 +18,7 @@ const ZIP64_LOCATOR_LEN: u64 = 20;
 /// The EOCD ends with a comment of at most 65535 bytes.
 const MAX_COMMENT_LEN: u64 = u16::MAX as u64;
 
-/// Why a file is not a complete zip archive. The text is written to the
+/// The reason a file is not a complete zip archive. The text is written to the
 /// `.reason` file beside a rejected file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ZipError {

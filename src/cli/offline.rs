@@ -47,8 +47,8 @@ fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Option
     if !settings.state_dir.join("queue").exists() {
         return (Vec::new(), 0, None);
     }
-    // The shared lock keeps a daemon from starting while the queue is read; a
-    // daemon that holds the lock is starting or stopping and is not disturbed.
+    // The shared lock keeps a daemon from starting while the queue is read. A
+    // daemon that holds the lock is starting or stopping, so it is left alone.
     let Some(_lock) = crate::daemon::ReaderLock::try_acquire(&settings.state_dir) else {
         return (
             Vec::new(),
