@@ -90,7 +90,8 @@ struct Candidate {
 /// The result of looking at a candidate, computed off the async runtime.
 enum Verdict {
     Gone,
-    Ignore,
+    /// Left in place. The text, if any, is logged once per file.
+    Ignore(Option<String>),
     Known,
     /// Still changing, or not yet quiet for long enough: look again at `due`.
     /// `stat` is the size and mtime seen now.
@@ -338,8 +339,16 @@ impl Intake {
 
         for (name, before, verdict) in verdicts {
             match verdict {
-                Verdict::Gone | Verdict::Ignore | Verdict::Known => {
+                Verdict::Gone | Verdict::Known => {
                     self.candidates.remove(&name);
+                }
+                Verdict::Ignore(message) => {
+                    self.candidates.remove(&name);
+                    if let Some(message) = message {
+                        if self.reported.insert(name.clone()) {
+                            tracing::info!(file = %name.to_string_lossy(), "{message}");
+                        }
+                    }
                 }
                 Verdict::Queue(facts) => {
                     self.candidates.remove(&name);
@@ -445,16 +454,18 @@ fn examine(
         } else {
             "not a regular file"
         };
-        if !(file_type.is_dir() && (name == "rejected" || name == "sent")) {
-            tracing::info!(file = %shown, "left in place: {kind} in the outbox is never uploaded");
+        if file_type.is_dir() && (name == "rejected" || name == "sent") {
+            return Verdict::Ignore(None);
         }
-        return Verdict::Ignore;
+        return Verdict::Ignore(Some(format!(
+            "left in place: {kind} in the outbox is never uploaded"
+        )));
     }
     if !config.include.is_match(name) {
         if !name.as_bytes().starts_with(b".") {
             tracing::debug!(file = %shown, "left in place: the name does not match include");
         }
-        return Verdict::Ignore;
+        return Verdict::Ignore(None);
     }
     let now = Instant::now();
     let stat = (metadata.len(), mtime_ns(&metadata));
