@@ -1,15 +1,17 @@
-//! Command-line definitions (clap) and the subcommands that are small enough to
-//! live here. Exit codes: 0 success, 1 failure, 2 invalid usage or
+//! Command-line definitions (clap) and the dispatch to one module per
+//! subcommand. Exit codes: 0 success, 1 failure, 2 invalid usage or
 //! configuration; `status` has its own (see `status::exit_code`).
 
+mod list;
 mod offline;
+mod retry;
+mod status;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, LogFormat, RawSettings};
-use crate::control::{self, ClientError, Request};
 
 #[derive(Debug, Parser)]
 #[command(name = "outboxd", version, about = "Uploads zip archives from an outbox folder to an HTTP API, durably, with an auth hold")]
@@ -108,9 +110,9 @@ pub fn main(cli: Cli) -> i32 {
     runtime.block_on(async move {
         match cli.command {
             Command::Run { config, settings } => run(config, settings).await,
-            Command::Status { locate, json } => offline::status(&locate, json).await,
-            Command::List { locate, json, state } => offline::list(&locate, json, state.as_deref()).await,
-            Command::Retry { locate, ids, all: _, rejected } => retry(&locate, ids, rejected).await,
+            Command::Status { locate, json } => status::status(&locate, json).await,
+            Command::List { locate, json, state } => list::list(&locate, json, state.as_deref()).await,
+            Command::Retry { locate, ids, all: _, rejected } => retry::retry(&locate, ids, rejected).await,
             Command::Receive { listen, dir, token_file, path } => receive(listen, dir, token_file, path).await,
         }
     })
@@ -143,37 +145,6 @@ async fn run(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
             tracing::error!("{}", err.message);
             eprintln!("error: {}", err.message);
             err.code
-        }
-    }
-}
-
-async fn retry(locate: &Locate, ids: Vec<u64>, rejected: bool) -> i32 {
-    let loaded = locate.load(None);
-    let request = Request::Retry(crate::daemon::RetryRequest { ids, rejected });
-    match control::request(&loaded.settings.state_dir, &request).await {
-        Ok(reply) => {
-            let result = reply.retry.unwrap_or_default();
-            println!("cleared the backoff of {} item(s)", result.cleared);
-            if rejected {
-                println!("moved {} rejected file(s) back into the outbox", result.requeued_rejected);
-            }
-            if result.probing {
-                println!("the hold is probed now; see `outboxd status`");
-            }
-            if !result.unknown_ids.is_empty() {
-                let ids: Vec<String> = result.unknown_ids.iter().map(u64::to_string).collect();
-                eprintln!("error: no item with id {} (see `outboxd list`)", ids.join(", "));
-                return 1;
-            }
-            0
-        }
-        Err(ClientError::NotRunning(path)) => {
-            eprintln!("error: the daemon is not running (no control socket at {path}); start it with `outboxd run` or `systemctl --user start outboxd`");
-            1
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            1
         }
     }
 }
