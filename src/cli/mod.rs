@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{self, LogFormat, RawSettings};
 
 #[derive(Debug, Parser)]
-#[command(name = "outboxd", version, about = "Uploads zip archives from an outbox folder to an HTTP API, durably, with an auth hold")]
+#[command(
+    name = "outboxd",
+    version,
+    about = "Uploads zip archives from an outbox folder to an HTTP API, durably, with an auth hold"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -33,8 +37,32 @@ pub struct Locate {
 
 impl Locate {
     fn load(&self, outbox: Option<PathBuf>) -> config::Loaded {
-        let flags = RawSettings { state_dir: self.state_dir.clone(), outbox, ..Default::default() };
+        let flags = RawSettings {
+            state_dir: self.state_dir.clone(),
+            outbox,
+            ..Default::default()
+        };
         config::load_from_process(self.config.as_deref(), flags)
+    }
+}
+
+/// Item states that `list --state` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateFilter {
+    Pending,
+    Uploading,
+    Uploaded,
+    Rejected,
+}
+
+impl StateFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            StateFilter::Pending => "pending",
+            StateFilter::Uploading => "uploading",
+            StateFilter::Uploaded => "uploaded",
+            StateFilter::Rejected => "rejected",
+        }
     }
 }
 
@@ -49,6 +77,11 @@ pub enum Command {
         settings: RawSettings,
     },
     /// Show the daemon's state: auth, destination, queue, uploads
+    #[command(
+        after_help = "Exit status: 0 healthy or idle; 2 attention needed (an auth or config hold, \
+rejected files, or the server unreachable for more than 10 minutes); 3 the daemon is not running; \
+1 the command itself failed."
+    )]
     Status {
         #[command(flatten)]
         locate: Locate,
@@ -56,18 +89,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the queued items
+    /// List the queued items and the rejected files, oldest first
     List {
         #[command(flatten)]
         locate: Locate,
         /// Print the items as JSON
         #[arg(long)]
         json: bool,
-        /// Only items in this state: pending, uploading, uploaded or rejected
-        #[arg(long, value_name = "STATE")]
-        state: Option<String>,
+        /// Only items in this state
+        #[arg(long, value_name = "STATE", value_enum)]
+        state: Option<StateFilter>,
     },
     /// Wake the daemon: clear backoff and probe a hold now
+    #[command(
+        after_help = "Exit status: 0 done; 1 the daemon is not running, an ID is unknown, \
+or the request failed; 2 invalid usage."
+    )]
     Retry {
         #[command(flatten)]
         locate: Locate,
@@ -100,29 +137,59 @@ pub enum Command {
 
 /// Runs a parsed command line and returns the exit code.
 pub fn main(cli: Cli) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
+    match cli.command {
+        Command::Run { config, settings } => block_on(run(config, settings)),
+        Command::Status { locate, json } => block_on(status::status(locate, json)),
+        Command::List {
+            locate,
+            json,
+            state,
+        } => block_on(list::list(locate, json, state)),
+        Command::Retry {
+            locate,
+            ids,
+            all: _,
+            rejected,
+        } => block_on(retry::retry(locate, ids, rejected)),
+        Command::Receive {
+            listen,
+            dir,
+            token_file,
+            path,
+        } => block_on(receive(listen, dir, token_file, path)),
+    }
+}
+
+/// Runs `command` on a new multi-threaded runtime and returns its exit code.
+fn block_on(command: impl std::future::Future<Output = i32>) -> i32 {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(command),
         Err(err) => {
             eprintln!("error: starting the async runtime failed: {err}");
-            return 1;
+            1
         }
-    };
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Run { config, settings } => run(config, settings).await,
-            Command::Status { locate, json } => status::status(&locate, json).await,
-            Command::List { locate, json, state } => list::list(&locate, json, state.as_deref()).await,
-            Command::Retry { locate, ids, all: _, rejected } => retry::retry(&locate, ids, rejected).await,
-            Command::Receive { listen, dir, token_file, path } => receive(listen, dir, token_file, path).await,
-        }
-    })
+    }
+}
+
+/// True when output to stdout may use ANSI colours: stdout is a terminal,
+/// `NO_COLOR` is unset or empty (see no-color.org), and `TERM` is not `dumb`.
+fn colour_enabled() -> bool {
+    use std::io::IsTerminal;
+    let no_colour = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    let dumb = std::env::var_os("TERM").is_some_and(|term| term == "dumb");
+    std::io::stdout().is_terminal() && !no_colour && !dumb
 }
 
 /// Sets up tracing: `RUST_LOG` filters (default `info`), text or JSON to stderr.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.with_ansi(false).try_init(),
@@ -133,7 +200,10 @@ pub fn init_logging(format: LogFormat) {
 }
 
 async fn run(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
-    let launch = crate::daemon::Launch { config_flag: config_flag.clone(), flags: flags.clone() };
+    let launch = crate::daemon::Launch {
+        config_flag: config_flag.clone(),
+        flags: flags.clone(),
+    };
     let loaded = config::load_from_process(config_flag.as_deref(), flags);
     init_logging(loaded.settings.log_format);
     for problem in &loaded.problems {
@@ -149,9 +219,19 @@ async fn run(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
     }
 }
 
-async fn receive(listen: std::net::SocketAddr, dir: PathBuf, token_file: PathBuf, path: String) -> i32 {
+async fn receive(
+    listen: std::net::SocketAddr,
+    dir: PathBuf,
+    token_file: PathBuf,
+    path: String,
+) -> i32 {
     init_logging(LogFormat::Text);
-    let options = crate::receiver::ReceiverOptions { dir, token_file, path, ..Default::default() };
+    let options = crate::receiver::ReceiverOptions {
+        dir,
+        token_file,
+        path,
+        ..Default::default()
+    };
     let listener = match bind_receiver(listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -176,7 +256,9 @@ async fn bind_receiver(listen: std::net::SocketAddr) -> std::io::Result<tokio::n
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}

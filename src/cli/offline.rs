@@ -1,6 +1,7 @@
 //! Reading the queue and a status report from the state dir, for `status`
 //! and `list` when no daemon runs.
 
+use crate::config::Settings;
 use crate::queue::Queue;
 use crate::status::{self, StatusReport};
 use crate::store::{ItemState, Record, Store};
@@ -8,7 +9,7 @@ use crate::timefmt::rfc3339;
 
 /// Reads the queue from the state dir, never creating anything there. If the
 /// database is locked (a daemon is starting), the counts are left at zero.
-pub fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Option<String>) {
+pub fn read_records(settings: &Settings) -> (Vec<Record>, u64, Option<String>) {
     if !settings.state_dir.join("queue").exists() {
         return (Vec::new(), 0, None);
     }
@@ -20,11 +21,17 @@ pub fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Op
                 Err(err) => (Vec::new(), uploaded, Some(err.to_string())),
             }
         }
-        Err(err) => (Vec::new(), 0, Some(format!("the queue cannot be read now ({err}); a daemon may be starting"))),
+        Err(err) => (
+            Vec::new(),
+            0,
+            Some(format!(
+                "the queue cannot be read now ({err}); a daemon may be starting"
+            )),
+        ),
     }
 }
 
-pub fn offline_report(settings: &crate::config::Settings) -> StatusReport {
+pub fn offline_report(settings: &Settings) -> StatusReport {
     let (records, uploaded, problem) = read_records(settings);
     let mut pending = 0;
     let mut pending_bytes = 0;
@@ -38,10 +45,25 @@ pub fn offline_report(settings: &crate::config::Settings) -> StatusReport {
     }
     let last_success = records.iter().filter_map(|r| r.uploaded_at).max();
     StatusReport {
-        daemon: status::DaemonStatus { running: false, pid: None, version: env!("CARGO_PKG_VERSION").into(), started_at: None },
+        daemon: status::DaemonStatus {
+            running: false,
+            pid: None,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: None,
+        },
         server_url: settings.server_url.clone().unwrap_or_default(),
-        auth: status::AuthStatus { state: "unknown".into(), since: None, detail: None, next_probe_at: None },
-        destination: status::DestinationStatus { state: "unknown".into(), since: None, next_attempt_at: None, last_error: None },
+        auth: status::AuthStatus {
+            state: "unknown".into(),
+            since: None,
+            detail: None,
+            next_probe_at: None,
+        },
+        destination: status::DestinationStatus {
+            state: "unknown".into(),
+            since: None,
+            next_attempt_at: None,
+            last_error: None,
+        },
         queue: status::QueueStatus {
             pending,
             uploading: 0,
@@ -59,4 +81,3 @@ pub fn offline_report(settings: &crate::config::Settings) -> StatusReport {
         token_fingerprint: None,
     }
 }
-

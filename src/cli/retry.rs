@@ -3,7 +3,7 @@
 use super::Locate;
 use crate::control::{self, ClientError, Request};
 
-pub async fn retry(locate: &Locate, ids: Vec<u64>, rejected: bool) -> i32 {
+pub async fn retry(locate: Locate, ids: Vec<u64>, rejected: bool) -> i32 {
     let loaded = locate.load(None);
     let request = Request::Retry(crate::daemon::RetryRequest { ids, rejected });
     match control::request(&loaded.settings.state_dir, &request).await {
@@ -11,14 +11,20 @@ pub async fn retry(locate: &Locate, ids: Vec<u64>, rejected: bool) -> i32 {
             let result = reply.retry.unwrap_or_default();
             println!("cleared the backoff of {} item(s)", result.cleared);
             if rejected {
-                println!("moved {} rejected file(s) back into the outbox", result.requeued_rejected);
+                println!(
+                    "moved {} rejected file(s) back into the outbox",
+                    result.requeued_rejected
+                );
             }
             if result.probing {
                 println!("the hold is probed now; see `outboxd status`");
             }
             if !result.unknown_ids.is_empty() {
                 let ids: Vec<String> = result.unknown_ids.iter().map(u64::to_string).collect();
-                eprintln!("error: no item with id {} (see `outboxd list`)", ids.join(", "));
+                eprintln!(
+                    "error: no item with id {} (see `outboxd list`)",
+                    ids.join(", ")
+                );
                 return 1;
             }
             0

@@ -9,7 +9,7 @@ use crate::control::{self, ClientError, Request};
 use crate::status;
 
 /// `outboxd status`. Returns the exit code of `status::exit_code`, or 1.
-pub async fn status(locate: &Locate, json: bool) -> i32 {
+pub async fn status(locate: Locate, json: bool) -> i32 {
     let loaded = locate.load(None);
     let report = match control::request(&loaded.settings.state_dir, &Request::Status).await {
         Ok(reply) => match reply.status {
