@@ -85,9 +85,12 @@ rejected files, or the server unreachable for more than 10 minutes); 3 the daemo
     Status {
         #[command(flatten)]
         locate: Locate,
-        /// Print the status as JSON
+        /// Print the status as JSON (one compact object per refresh with --watch)
         #[arg(long)]
         json: bool,
+        /// Refresh every second until Ctrl-C; shows the send rate of each upload
+        #[arg(long)]
+        watch: bool,
     },
     /// List the queued items and the rejected files, oldest first
     List {
@@ -139,7 +142,11 @@ or the request failed; 2 invalid usage."
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
         Command::Run { config, settings } => block_on(run(config, settings)),
-        Command::Status { locate, json } => block_on(status::status(locate, json)),
+        Command::Status {
+            locate,
+            json,
+            watch,
+        } => block_on(status::status(locate, json, watch)),
         Command::List {
             locate,
             json,

@@ -1,11 +1,24 @@
-//! Reading the queue and a status report from the state dir, for `status`
-//! and `list` when no daemon runs.
+//! Reading the daemon's state for `status` and `list`: through the control
+//! socket when the daemon runs, or from the state dir when it does not.
 
 use crate::config::Settings;
+use crate::control::{self, ClientError, Request};
 use crate::queue::Queue;
 use crate::status::{self, StatusReport};
 use crate::store::{ItemState, Record, Store};
 use crate::timefmt::rfc3339;
+
+/// Returns the status report of the running daemon, or one built from the
+/// state dir when no daemon runs. The error is a message for stderr.
+pub async fn fetch_report(settings: &Settings) -> Result<StatusReport, String> {
+    match control::request(&settings.state_dir, &Request::Status).await {
+        Ok(reply) => reply
+            .status
+            .ok_or_else(|| "the daemon's reply has no status".to_string()),
+        Err(ClientError::NotRunning(_)) => Ok(offline_report(settings)),
+        Err(err) => Err(err.to_string()),
+    }
+}
 
 /// Reads the queue from the state dir, never creating anything there. If the
 /// database is locked (a daemon is starting), the counts are left at zero.
@@ -31,7 +44,7 @@ pub fn read_records(settings: &Settings) -> (Vec<Record>, u64, Option<String>) {
     }
 }
 
-pub fn offline_report(settings: &Settings) -> StatusReport {
+fn offline_report(settings: &Settings) -> StatusReport {
     let (records, uploaded, problem) = read_records(settings);
     let mut pending = 0;
     let mut pending_bytes = 0;
