@@ -2,6 +2,7 @@
 //! subcommand. Exit codes: 0 success, 1 failure, 2 invalid usage or
 //! configuration; `status` has its own (see `status::exit_code`).
 
+mod enqueue;
 mod list;
 mod offline;
 mod retry;
@@ -121,6 +122,26 @@ or the request failed; 2 invalid usage."
         #[arg(long)]
         rejected: bool,
     },
+    /// Place zip archives into the outbox atomically (copy, fsync, rename)
+    #[command(
+        after_help = "Each FILE must be a complete zip archive whose name matches `include`. \
+It is written into the outbox under a temporary dot name, flushed to disk, and renamed into place; \
+a file of the same name already in the outbox is never replaced.\n\n\
+Exit status: 0 every file was placed; 1 at least one file was not; 2 invalid usage or configuration."
+    )]
+    Enqueue {
+        #[command(flatten)]
+        locate: Locate,
+        /// Outbox folder [default: from the config, or $XDG_DATA_HOME/outboxd/outbox]
+        #[arg(long, value_name = "DIR")]
+        outbox: Option<PathBuf>,
+        /// Move each file instead of copying it (the source is removed once the copy is in place)
+        #[arg(long = "move")]
+        move_files: bool,
+        /// Zip archives to enqueue
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Run a reference receiver of the upload request, for tests and demos
     Receive {
         /// Address to listen on, such as 127.0.0.1:8080
@@ -141,6 +162,13 @@ or the request failed; 2 invalid usage."
 /// Runs a parsed command line and returns the exit code.
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
+        // Commands that only touch local files run without the async runtime.
+        Command::Enqueue {
+            locate,
+            outbox,
+            move_files,
+            files,
+        } => enqueue::enqueue(&locate, outbox, move_files, &files),
         Command::Run { config, settings } => block_on(run(config, settings)),
         Command::Status {
             locate,
