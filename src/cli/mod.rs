@@ -1,7 +1,9 @@
 //! Command-line definitions (clap) and the dispatch to one module per
 //! subcommand. Exit codes: 0 success, 1 failure, 2 invalid usage or
-//! configuration; `status` has its own (see `status::exit_code`).
+//! configuration; `status` has its own (see `status::exit_code`) and `check`
+//! documents its own in its help.
 
+mod check;
 mod enqueue;
 mod list;
 mod offline;
@@ -142,6 +144,22 @@ Exit status: 0 every file was placed; 1 at least one file was not; 2 invalid usa
         #[arg(value_name = "FILE", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Check the configuration, token, folders and daemon, and probe the server
+    #[command(
+        after_help = "Prints one line per check: OK, WARN (works, but should be fixed), \
+FAIL (uploads cannot work; the line says what to do) or SKIP (not tried because an earlier check failed). \
+The token is never printed, only its fingerprint: the first 8 hex digits of its SHA-256. \
+The probe is one POST to server_url with the token and the form field probe=1, without a file.\n\n\
+Exit status: 0 no check failed (warnings allowed); 1 at least one check failed, \
+including configuration faults; 2 invalid command-line usage."
+    )]
+    Check {
+        /// Config file [default: $XDG_CONFIG_HOME/outboxd/config.toml, or OUTBOXD_CONFIG]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: RawSettings,
+    },
     /// Run a reference receiver of the upload request, for tests and demos
     Receive {
         /// Address to listen on, such as 127.0.0.1:8080
@@ -186,6 +204,7 @@ pub fn main(cli: Cli) -> i32 {
             all: _,
             rejected,
         } => block_on(retry::retry(locate, ids, rejected)),
+        Command::Check { config, settings } => block_on(check::check(config, settings)),
         Command::Receive {
             listen,
             dir,
