@@ -5,6 +5,7 @@
 
 mod check;
 mod enqueue;
+mod generate;
 mod list;
 mod offline;
 mod retry;
@@ -175,6 +176,25 @@ including configuration faults; 2 invalid command-line usage."
         #[arg(long, value_name = "PATH", default_value = "/upload")]
         path: String,
     },
+    /// Print a shell completion script to stdout
+    #[command(
+        after_help = "Example: outboxd completions bash > ~/.local/share/bash-completion/completions/outboxd"
+    )]
+    Completions {
+        /// Shell to generate the script for
+        #[arg(value_name = "SHELL", value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page (roff) to stdout
+    #[command(
+        after_help = "Example: outboxd man > ~/.local/share/man/man1/outboxd.1; \
+outboxd man status > ~/.local/share/man/man1/outboxd-status.1"
+    )]
+    Man {
+        /// Subcommand whose page to print [default: the page of outboxd itself]
+        #[arg(value_name = "COMMAND")]
+        command: Option<String>,
+    },
 }
 
 /// Runs a parsed command line and returns the exit code.
@@ -187,6 +207,8 @@ pub fn main(cli: Cli) -> i32 {
             move_files,
             files,
         } => enqueue::enqueue(&locate, outbox, move_files, &files),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { command } => generate::man(command.as_deref()),
         Command::Run { config, settings } => block_on(run(config, settings)),
         Command::Status {
             locate,
