@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::colour_enabled;
+use super::offline::lock_holder;
 use crate::config::{self, Loaded, RawSettings, Settings};
 use crate::control::{self, ClientError, Request};
 use crate::outcome::{HoldKind, Outcome};
@@ -398,42 +399,6 @@ fn report_running_daemon(findings: &mut Findings, settings: &Settings, report: &
     }
 }
 
-/// Returns the pid that holds the lock on `state_dir/lock`, read from
-/// /proc/locks. Taking the lock to test it, even for a moment, could make a
-/// daemon that starts at that moment exit, so it is never taken.
-fn lock_holder(state_dir: &Path) -> Option<u32> {
-    let metadata = std::fs::metadata(state_dir.join("lock")).ok()?;
-    let device = format!(
-        "{:02x}:{:02x}",
-        libc::major(metadata.dev()),
-        libc::minor(metadata.dev())
-    );
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    // Lines look like "1: FLOCK  ADVISORY  WRITE 27800 fe:00:10068041 0 EOF".
-    // Lines with "->" are processes waiting for a lock, not holding it.
-    let holders: Vec<(u32, &str, u64)> = locks
-        .lines()
-        .filter(|line| !line.contains("->"))
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 6 || fields[1] != "FLOCK" {
-                return None;
-            }
-            let (file_device, inode) = fields[5].rsplit_once(':')?;
-            Some((fields[4].parse().ok()?, file_device, inode.parse().ok()?))
-        })
-        .collect();
-    let same_inode = |&&(_, _, inode): &&(u32, &str, u64)| inode == metadata.ino();
-    // Some filesystems (btrfs subvolumes) report another device number in
-    // stat than in /proc/locks, so an inode match alone is the fallback.
-    holders
-        .iter()
-        .filter(same_inode)
-        .find(|(_, file_device, _)| *file_device == device)
-        .or_else(|| holders.iter().find(same_inode))
-        .map(|&(pid, _, _)| pid)
-}
-
 /// Checks `server_url` and builds the HTTP client. Returns it when the probe
 /// can be sent.
 fn check_server(findings: &mut Findings, settings: &Settings) -> Option<Uploader> {
@@ -555,23 +520,5 @@ async fn probe(
             "probe",
             &format!("the server answered {reason}, which tells nothing about the token; the server may not accept probe requests, so watch `outboxd status` after the first upload"),
         ),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::io::AsRawFd;
-
-    #[test]
-    fn lock_holder_finds_own_lock() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(lock_holder(dir.path()), None, "no lock file");
-        let file = std::fs::File::create(dir.path().join("lock")).unwrap();
-        assert_eq!(lock_holder(dir.path()), None, "the file is not locked");
-        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        assert_eq!(rc, 0);
-        assert_eq!(lock_holder(dir.path()), Some(std::process::id()));
     }
 }

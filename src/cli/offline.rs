@@ -1,6 +1,9 @@
 //! Reading the daemon's state for `status` and `list`: through the control
 //! socket when the daemon runs, or from the state dir when it does not.
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
 use crate::config::Settings;
 use crate::control::{self, ClientError, Request};
 use crate::queue::Queue;
@@ -20,11 +23,21 @@ pub async fn fetch_report(settings: &Settings) -> Result<StatusReport, String> {
     }
 }
 
-/// Reads the queue from the state dir, never creating anything there. If the
-/// database is locked (a daemon is starting), the counts are left at zero.
+/// Reads the queue from the state dir, never creating anything there. If a
+/// daemon is starting, the queue is not read and the counts are left at zero.
 pub fn read_records(settings: &Settings) -> (Vec<Record>, u64, Option<String>) {
     if !settings.state_dir.join("queue").exists() {
         return (Vec::new(), 0, None);
+    }
+    // A daemon takes the state dir lock before it opens the queue database,
+    // whose own lock it waits for only a few seconds. Reading the database
+    // then, for example from a status poll every second, could make it exit.
+    if let Some(pid) = lock_holder(&settings.state_dir) {
+        let message = format!(
+            "process {pid} holds the state dir lock but does not answer on the control socket yet \
+             (a daemon that is starting), so the queue is not read now; try again in a few seconds"
+        );
+        return (Vec::new(), 0, Some(message));
     }
     match Store::open_read(&settings.state_dir) {
         Ok(store) => {
@@ -92,5 +105,59 @@ fn offline_report(settings: &Settings) -> StatusReport {
         outbox: settings.outbox.display().to_string(),
         state_dir: settings.state_dir.display().to_string(),
         token_fingerprint: None,
+    }
+}
+
+/// Returns the pid that holds the lock on `state_dir/lock`, read from
+/// /proc/locks. Taking the lock to test it, even for a moment, could make a
+/// daemon that starts at that moment exit, so it is never taken.
+pub fn lock_holder(state_dir: &Path) -> Option<u32> {
+    let metadata = std::fs::metadata(state_dir.join("lock")).ok()?;
+    let device = format!(
+        "{:02x}:{:02x}",
+        libc::major(metadata.dev()),
+        libc::minor(metadata.dev())
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // Lines look like "1: FLOCK  ADVISORY  WRITE 27800 fe:00:10068041 0 EOF".
+    // Lines with "->" are processes waiting for a lock, not holding it.
+    let holders: Vec<(u32, &str, u64)> = locks
+        .lines()
+        .filter(|line| !line.contains("->"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 6 || fields[1] != "FLOCK" {
+                return None;
+            }
+            let (file_device, inode) = fields[5].rsplit_once(':')?;
+            Some((fields[4].parse().ok()?, file_device, inode.parse().ok()?))
+        })
+        .collect();
+    let same_inode = |&&(_, _, inode): &&(u32, &str, u64)| inode == metadata.ino();
+    // Some filesystems (btrfs subvolumes) report another device number in
+    // stat than in /proc/locks, so an inode match alone is the fallback.
+    holders
+        .iter()
+        .filter(same_inode)
+        .find(|(_, file_device, _)| *file_device == device)
+        .or_else(|| holders.iter().find(same_inode))
+        .map(|&(pid, _, _)| pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn lock_holder_finds_own_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(lock_holder(dir.path()), None, "no lock file");
+        let file = std::fs::File::create(dir.path().join("lock")).unwrap();
+        assert_eq!(lock_holder(dir.path()), None, "the file is not locked");
+        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(rc, 0);
+        assert_eq!(lock_holder(dir.path()), Some(std::process::id()));
     }
 }
