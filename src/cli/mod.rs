@@ -1,15 +1,21 @@
-//! Command-line definitions (clap) and the subcommands that are small enough to
-//! live here. Exit codes: 0 success, 1 failure, 2 invalid usage or
-//! configuration; `status` has its own (see `status::exit_code`).
+//! Command-line definitions (clap) and the dispatch to one module per
+//! subcommand. Exit codes: 0 success, 1 failure, 2 invalid usage or
+//! configuration; `status` has its own (see `status::exit_code`) and `check`
+//! documents its own in its help.
 
+mod check;
+mod enqueue;
+mod generate;
+mod list;
 mod offline;
+mod retry;
+mod status;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, LogFormat, RawSettings};
-use crate::control::{self, ClientError, Request};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +50,26 @@ impl Locate {
     }
 }
 
+/// Item states that `list --state` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateFilter {
+    Pending,
+    Uploading,
+    Uploaded,
+    Rejected,
+}
+
+impl StateFilter {
+    fn as_str(self) -> &'static str {
+        match self {
+            StateFilter::Pending => "pending",
+            StateFilter::Uploading => "uploading",
+            StateFilter::Uploaded => "uploaded",
+            StateFilter::Rejected => "rejected",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon in the foreground (logs to stderr)
@@ -52,28 +78,40 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
         #[command(flatten)]
-        settings: Box<RawSettings>,
+        settings: RawSettings,
     },
     /// Show the daemon's state: auth, destination, queue, uploads
+    #[command(
+        after_help = "Exit status: 0 healthy or idle; 2 attention needed (an auth or config hold, \
+rejected files, or the server unreachable for more than 10 minutes); 3 the daemon is not running; \
+1 the command itself failed."
+    )]
     Status {
         #[command(flatten)]
         locate: Locate,
-        /// Print the status as JSON
+        /// Print the status as JSON (one compact object per refresh with --watch)
         #[arg(long)]
         json: bool,
+        /// Refresh every second until Ctrl-C; shows the send rate of each upload
+        #[arg(long)]
+        watch: bool,
     },
-    /// List the queued items
+    /// List the queued items and the rejected files, oldest first
     List {
         #[command(flatten)]
         locate: Locate,
         /// Print the items as JSON
         #[arg(long)]
         json: bool,
-        /// Only items in this state: pending, uploading, uploaded or rejected
-        #[arg(long, value_name = "STATE")]
-        state: Option<String>,
+        /// Only items in this state
+        #[arg(long, value_name = "STATE", value_enum)]
+        state: Option<StateFilter>,
     },
     /// Wake the daemon: clear backoff and probe a hold now
+    #[command(
+        after_help = "Exit status: 0 done; 1 the daemon is not running, an ID is unknown, \
+or the request failed; 2 invalid usage."
+    )]
     Retry {
         #[command(flatten)]
         locate: Locate,
@@ -86,6 +124,42 @@ pub enum Command {
         /// Move the files in rejected/ back into the queue
         #[arg(long)]
         rejected: bool,
+    },
+    /// Place zip archives into the outbox atomically (copy, fsync, rename)
+    #[command(
+        after_help = "Each FILE must be a complete zip archive whose name matches `include`. \
+It is written into the outbox under a temporary dot name, flushed to disk, and renamed into place; \
+a file of the same name already in the outbox is never replaced.\n\n\
+Exit status: 0 every file was placed; 1 at least one file was not; 2 invalid usage or configuration."
+    )]
+    Enqueue {
+        #[command(flatten)]
+        locate: Locate,
+        /// Outbox folder [default: from the config, or $XDG_DATA_HOME/outboxd/outbox]
+        #[arg(long, value_name = "DIR")]
+        outbox: Option<PathBuf>,
+        /// Move each file instead of copying it (the source is removed once the copy is in place)
+        #[arg(long = "move")]
+        move_files: bool,
+        /// Zip archives to enqueue
+        #[arg(value_name = "FILE", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Check the configuration, token, folders and daemon, and probe the server
+    #[command(
+        after_help = "Prints one line per check: OK, WARN (works, but should be fixed), \
+FAIL (uploads cannot work; the line says what to do) or SKIP (not tried because an earlier check failed). \
+The token is never printed, only its fingerprint: the first 8 hex digits of its SHA-256. \
+The probe is one POST to server_url with the token and the form field probe=1, without a file.\n\n\
+Exit status: 0 no check failed (warnings allowed); 1 at least one check failed, \
+including configuration faults; 2 invalid command-line usage."
+    )]
+    Check {
+        /// Config file [default: $XDG_CONFIG_HOME/outboxd/config.toml, or OUTBOXD_CONFIG]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        settings: RawSettings,
     },
     /// Show the main job on this machine: a receiver and a daemon on loopback, real
     /// archives, an outage and an auth failure survived
@@ -109,50 +183,88 @@ pub enum Command {
         #[arg(long, value_name = "PATH", default_value = "/upload")]
         path: String,
     },
+    /// Print a shell completion script to stdout
+    #[command(
+        after_help = "Example: outboxd completions bash > ~/.local/share/bash-completion/completions/outboxd"
+    )]
+    Completions {
+        /// Shell to generate the script for
+        #[arg(value_name = "SHELL", value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page (roff) to stdout
+    #[command(
+        after_help = "Example: outboxd man > ~/.local/share/man/man1/outboxd.1; \
+outboxd man status > ~/.local/share/man/man1/outboxd-status.1"
+    )]
+    Man {
+        /// Subcommand whose page to print [default: the page of outboxd itself]
+        #[arg(value_name = "COMMAND")]
+        command: Option<String>,
+    },
 }
 
 /// Runs a parsed command line and returns the exit code.
 pub fn main(cli: Cli) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    match cli.command {
+        // Commands that only touch local files run without the async runtime.
+        Command::Enqueue {
+            locate,
+            outbox,
+            move_files,
+            files,
+        } => enqueue::enqueue(&locate, outbox, move_files, &files),
+        Command::Completions { shell } => generate::completions(shell),
+        Command::Man { command } => generate::man(command.as_deref()),
+        Command::Run { config, settings } => block_on(run(config, settings)),
+        Command::Status {
+            locate,
+            json,
+            watch,
+        } => block_on(status::status(locate, json, watch)),
+        Command::List {
+            locate,
+            json,
+            state,
+        } => block_on(list::list(locate, json, state)),
+        Command::Retry {
+            locate,
+            ids,
+            all: _,
+            rejected,
+        } => block_on(retry::retry(locate, ids, rejected)),
+        Command::Check { config, settings } => block_on(check::check(config, settings)),
+        Command::Demo { keep } => block_on(demo(keep)),
+        Command::Receive {
+            listen,
+            dir,
+            token_file,
+            path,
+        } => block_on(receive(listen, dir, token_file, path)),
+    }
+}
+
+/// Runs `command` on a new multi-threaded runtime and returns its exit code.
+fn block_on(command: impl std::future::Future<Output = i32>) -> i32 {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => runtime.block_on(command),
         Err(err) => {
             eprintln!("error: starting the async runtime failed: {err}");
-            return 1;
+            1
         }
-    };
-    runtime.block_on(async move {
-        match cli.command {
-            Command::Run { config, settings } => run(config, *settings).await,
-            Command::Status { locate, json } => offline::status(&locate, json).await,
-            Command::List {
-                locate,
-                json,
-                state,
-            } => offline::list(&locate, json, state.as_deref()).await,
-            Command::Retry {
-                locate,
-                ids,
-                all: _,
-                rejected,
-            } => retry(&locate, ids, rejected).await,
-            Command::Demo { keep } => match crate::demo::run(keep).await {
-                Ok(()) => 0,
-                Err(err) => {
-                    eprintln!("error: the demo failed: {err:#}");
-                    1
-                }
-            },
-            Command::Receive {
-                listen,
-                dir,
-                token_file,
-                path,
-            } => receive(listen, dir, token_file, path).await,
-        }
-    })
+    }
+}
+
+/// True when output to stdout may use ANSI colours: stdout is a terminal,
+/// `NO_COLOR` is unset or empty (see no-color.org), and `TERM` is not `dumb`.
+fn colour_enabled() -> bool {
+    use std::io::IsTerminal;
+    let no_colour = std::env::var_os("NO_COLOR").is_some_and(|value| !value.is_empty());
+    let dumb = std::env::var_os("TERM").is_some_and(|term| term == "dumb");
+    std::io::stdout().is_terminal() && !no_colour && !dumb
 }
 
 /// Sets up tracing: `RUST_LOG` filters (default `info`), text or JSON to stderr.
@@ -187,43 +299,6 @@ async fn run(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
             tracing::error!("{}", err.message);
             eprintln!("error: {}", err.message);
             err.code
-        }
-    }
-}
-
-async fn retry(locate: &Locate, ids: Vec<u64>, rejected: bool) -> i32 {
-    let loaded = locate.load(None);
-    let request = Request::Retry(crate::daemon::RetryRequest { ids, rejected });
-    match control::request(&loaded.settings.state_dir, &request).await {
-        Ok(reply) => {
-            let result = reply.retry.unwrap_or_default();
-            println!("cleared the backoff of {} item(s)", result.cleared);
-            if rejected {
-                println!(
-                    "moved {} rejected file(s) back into the outbox",
-                    result.requeued_rejected
-                );
-            }
-            if result.probing {
-                println!("the hold is probed now; see `outboxd status`");
-            }
-            if !result.unknown_ids.is_empty() {
-                let ids: Vec<String> = result.unknown_ids.iter().map(u64::to_string).collect();
-                eprintln!(
-                    "error: no item with id {} (see `outboxd list`)",
-                    ids.join(", ")
-                );
-                return 1;
-            }
-            0
-        }
-        Err(ClientError::NotRunning(path)) => {
-            eprintln!("error: the daemon is not running (no control socket at {path}); start it with `outboxd run` or `systemctl --user start outboxd`");
-            1
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            1
         }
     }
 }
@@ -271,5 +346,15 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn demo(keep: bool) -> i32 {
+    match crate::demo::run(keep).await {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("error: the demo failed: {err:#}");
+            1
+        }
     }
 }

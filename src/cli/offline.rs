@@ -1,64 +1,44 @@
-//! `status` and `list`: through the control socket when the daemon runs, or
-//! from the state dir when it does not.
+//! Reading the daemon's state for `status` and `list`: through the control
+//! socket when the daemon runs, or from the state dir when it does not.
 
-use std::time::SystemTime;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
-use super::Locate;
+use crate::config::Settings;
 use crate::control::{self, ClientError, Request};
 use crate::queue::Queue;
 use crate::status::{self, StatusReport};
 use crate::store::{ItemState, Record, Store};
-use crate::timefmt::{now_ms, rfc3339, short_duration};
+use crate::timefmt::rfc3339;
 
-/// `outboxd status`. Returns the exit code of `status::exit_code`, or 1.
-pub async fn status(locate: &Locate, json: bool) -> i32 {
-    let loaded = locate.load(None);
-    let report = match control::request(&loaded.settings.state_dir, &Request::Status).await {
-        Ok(reply) => match reply.status {
-            Some(report) => report,
-            None => {
-                eprintln!("error: the daemon's reply has no status");
-                return 1;
-            }
-        },
-        Err(ClientError::NotRunning(_)) => offline_report(&loaded.settings),
-        Err(err) => {
-            eprintln!("error: {err}");
-            return 1;
-        }
-    };
-    if json {
-        match serde_json::to_string_pretty(&report) {
-            Ok(text) => println!("{text}"),
-            Err(err) => {
-                eprintln!("error: encoding the status failed: {err}");
-                return 1;
-            }
-        }
-    } else {
-        print!("{}", status::render_text(&report, SystemTime::now()));
+/// Returns the status report of the running daemon, or one built from the
+/// state dir when no daemon runs. The error is a message for stderr.
+pub async fn fetch_report(settings: &Settings) -> Result<StatusReport, String> {
+    match control::request(&settings.state_dir, &Request::Status).await {
+        Ok(reply) => reply
+            .status
+            .ok_or_else(|| "the daemon's reply has no status".to_string()),
+        Err(ClientError::NotRunning(_)) => Ok(offline_report(settings)),
+        Err(err) => Err(err.to_string()),
     }
-    status::exit_code(&report, SystemTime::now())
 }
 
-/// Reads the queue from the state dir, never creating anything there. If the
-/// database is locked (a daemon is starting), the counts are left at zero.
-fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Option<String>) {
+/// Reads the queue from the state dir, never creating anything there. If a
+/// daemon is starting, the queue is not read and the counts are left at zero.
+pub fn read_records(settings: &Settings) -> (Vec<Record>, u64, Option<String>) {
     if !settings.state_dir.join("queue").exists() {
         return (Vec::new(), 0, None);
     }
-    // The shared lock keeps a daemon from starting while the queue is read. A
-    // daemon that holds the lock is starting or stopping, so it is left alone.
-    let Some(_lock) = crate::daemon::ReaderLock::try_acquire(&settings.state_dir) else {
-        return (
-            Vec::new(),
-            0,
-            Some(
-                "a daemon holds the state dir (it is starting or stopping); try again in a moment"
-                    .into(),
-            ),
+    // A daemon takes the state dir lock before it opens the queue database,
+    // whose own lock it waits for only a few seconds. Reading the database
+    // then, for example from a status poll every second, could make it exit.
+    if let Some(pid) = lock_holder(&settings.state_dir) {
+        let message = format!(
+            "process {pid} holds the state dir lock but does not answer on the control socket yet \
+             (a daemon that is starting), so the queue is not read now; try again in a few seconds"
         );
-    };
+        return (Vec::new(), 0, Some(message));
+    }
     match Store::open_read(&settings.state_dir) {
         Ok(store) => {
             let uploaded = store.uploaded_total().unwrap_or(0);
@@ -77,7 +57,7 @@ fn read_records(settings: &crate::config::Settings) -> (Vec<Record>, u64, Option
     }
 }
 
-fn offline_report(settings: &crate::config::Settings) -> StatusReport {
+fn offline_report(settings: &Settings) -> StatusReport {
     let (records, uploaded, problem) = read_records(settings);
     let mut pending = 0;
     let mut pending_bytes = 0;
@@ -128,153 +108,56 @@ fn offline_report(settings: &crate::config::Settings) -> StatusReport {
     }
 }
 
-/// One row of `outboxd list --json`.
-#[derive(Debug, serde::Serialize)]
-struct Row {
-    id: String,
-    file: String,
-    size: u64,
-    state: String,
-    attempts: u32,
-    next_attempt_at: Option<String>,
-    last_error: Option<String>,
-    queued_at: Option<String>,
-}
-
-/// `outboxd list`.
-pub async fn list(locate: &Locate, json: bool, state: Option<&str>) -> i32 {
-    if let Some(state) = state {
-        if !["pending", "uploading", "uploaded", "rejected"].contains(&state) {
-            eprintln!(
-                "error: --state {state:?} is invalid; use pending, uploading, uploaded or rejected"
-            );
-            return 2;
-        }
-    }
-    let loaded = locate.load(None);
-    let settings = &loaded.settings;
-    let (mut records, running) = match control::request(&settings.state_dir, &Request::List).await {
-        Ok(reply) => (reply.items.unwrap_or_default(), true),
-        Err(ClientError::NotRunning(_)) => {
-            let (records, _, problem) = read_records(settings);
-            if let Some(problem) = problem {
-                eprintln!("warning: {problem}");
+/// Returns the pid that holds the lock on `state_dir/lock`, read from
+/// /proc/locks. Taking the lock to test it, even for a moment, could make a
+/// daemon that starts at that moment exit, so it is never taken.
+pub fn lock_holder(state_dir: &Path) -> Option<u32> {
+    let metadata = std::fs::metadata(state_dir.join("lock")).ok()?;
+    let device = format!(
+        "{:02x}:{:02x}",
+        libc::major(metadata.dev()),
+        libc::minor(metadata.dev())
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // Lines look like "1: FLOCK  ADVISORY  WRITE 27800 fe:00:10068041 0 EOF".
+    // Lines with "->" are processes waiting for a lock, not holding it.
+    let holders: Vec<(u32, &str, u64)> = locks
+        .lines()
+        .filter(|line| !line.contains("->"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 6 || fields[1] != "FLOCK" {
+                return None;
             }
-            (records, false)
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            return 1;
-        }
-    };
-    records.sort_by_key(|r| (r.queued_at, r.id));
-    let now = now_ms();
-    let mut rows: Vec<Row> = records
-        .iter()
-        .map(|r| Row {
-            id: r.id.to_string(),
-            file: r.file.clone(),
-            size: r.size,
-            state: r.state.as_str().into(),
-            attempts: r.attempts,
-            next_attempt_at: r
-                .next_attempt_at
-                .filter(|_| r.state == ItemState::Pending)
-                .map(rfc3339),
-            last_error: r.last_error.clone(),
-            queued_at: Some(rfc3339(r.queued_at)),
+            let (file_device, inode) = fields[5].rsplit_once(':')?;
+            Some((fields[4].parse().ok()?, file_device, inode.parse().ok()?))
         })
         .collect();
-    rows.extend(rejected_rows(&settings.outbox));
-    if let Some(state) = state {
-        rows.retain(|row| row.state == state);
-    }
-    if json {
-        match serde_json::to_string_pretty(&rows) {
-            Ok(text) => println!("{text}"),
-            Err(err) => {
-                eprintln!("error: encoding the list failed: {err}");
-                return 1;
-            }
-        }
-        return 0;
-    }
-    if !running {
-        eprintln!("note: the daemon is not running; this is the queue as it was last saved");
-    }
-    println!(
-        "{:<8} {:<32} {:>10} {:<10} {:>8} {:<12} LAST ERROR",
-        "ID", "FILE", "SIZE", "STATE", "ATTEMPTS", "NEXT"
-    );
-    for row in &rows {
-        let next = match row
-            .next_attempt_at
-            .as_deref()
-            .and_then(|t| humantime::parse_rfc3339(t).ok())
-        {
-            Some(at) => {
-                let at_ms = at
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis() as u64;
-                if at_ms <= now {
-                    "now".to_string()
-                } else {
-                    format!(
-                        "in {}",
-                        short_duration(std::time::Duration::from_millis(at_ms - now))
-                    )
-                }
-            }
-            None if row.state == "pending" => "now".to_string(),
-            None => "-".to_string(),
-        };
-        println!(
-            "{:<8} {:<32} {:>10} {:<10} {:>8} {:<12} {}",
-            row.id,
-            row.file,
-            status::human_bytes(row.size),
-            row.state,
-            row.attempts,
-            next,
-            row.last_error.as_deref().unwrap_or("")
-        );
-    }
-    0
+    let same_inode = |&&(_, _, inode): &&(u32, &str, u64)| inode == metadata.ino();
+    // Some filesystems (btrfs subvolumes) report another device number in
+    // stat than in /proc/locks, so an inode match alone is the fallback.
+    holders
+        .iter()
+        .filter(same_inode)
+        .find(|(_, file_device, _)| *file_device == device)
+        .or_else(|| holders.iter().find(same_inode))
+        .map(|&(pid, _, _)| pid)
 }
 
-/// Rows for the files in `rejected/`, with the reason from the `.reason` file.
-fn rejected_rows(outbox: &std::path::Path) -> Vec<Row> {
-    let folder = outbox.join("rejected");
-    let Ok(entries) = std::fs::read_dir(&folder) else {
-        return Vec::new();
-    };
-    let mut rows = Vec::new();
-    for entry in entries.filter_map(Result::ok) {
-        let name = entry.file_name().to_string_lossy().to_string();
-        if name.starts_with('.') || name.ends_with(".reason") {
-            continue;
-        }
-        let reason = std::fs::read_to_string(folder.join(format!("{name}.reason")))
-            .ok()
-            .map(|r| r.trim().to_string());
-        let metadata = entry.metadata().ok();
-        rows.push(Row {
-            id: "-".into(),
-            file: name,
-            size: metadata.as_ref().map_or(0, |m| m.len()),
-            state: "rejected".into(),
-            attempts: 0,
-            next_attempt_at: None,
-            last_error: reason,
-            queued_at: metadata.and_then(|m| m.modified().ok()).map(|t| {
-                rfc3339(
-                    t.duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_millis() as u64,
-                )
-            }),
-        });
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn lock_holder_finds_own_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(lock_holder(dir.path()), None, "no lock file");
+        let file = std::fs::File::create(dir.path().join("lock")).unwrap();
+        assert_eq!(lock_holder(dir.path()), None, "the file is not locked");
+        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        assert_eq!(rc, 0);
+        assert_eq!(lock_holder(dir.path()), Some(std::process::id()));
     }
-    rows
 }

@@ -131,9 +131,19 @@ impl QueueSink for Shared {
 
 /// Runs the daemon until SIGTERM or SIGINT. Errors are start-up failures.
 pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
-    let Loaded { settings, problems } = loaded;
-    let settings = Arc::new(settings);
+    let Loaded {
+        mut settings,
+        problems,
+    } = loaded;
     prepare_dirs(&settings).map_err(|message| StartError { code: 2, message })?;
+    // notify reports absolute paths, and intake matches events against the
+    // outbox path, so a relative --outbox must become absolute.
+    for dir in [&mut settings.outbox, &mut settings.state_dir] {
+        if let Ok(absolute) = std::fs::canonicalize(&*dir) {
+            *dir = absolute;
+        }
+    }
+    let settings = Arc::new(settings);
     let lock = StateLock::acquire(&settings.state_dir)
         .map_err(|message| StartError { code: 1, message })?;
 
