@@ -358,6 +358,11 @@ pub fn reload(shared: &Arc<Shared>) {
             );
         } else {
             let mut settings = loaded.settings;
+            for dir in [&mut settings.outbox, &mut settings.state_dir] {
+                if let Ok(absolute) = std::fs::canonicalize(&*dir) {
+                    *dir = absolute;
+                }
+            }
             if settings.outbox != core.settings.outbox
                 || settings.state_dir != core.settings.state_dir
             {
