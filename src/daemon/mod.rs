@@ -195,8 +195,11 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     // Shutdown: no new uploads; those in flight get the grace period.
     shared.core().shutting_down = true;
     shared.wake.notify_one();
-    crate::systemd::stopping();
     let grace = settings.shutdown_grace;
+    crate::systemd::stopping(&format!(
+        "stopping; uploads in flight get up to {} ms",
+        grace.as_millis()
+    ));
     let in_flight = match dispatcher.await {
         Ok(set) => set,
         Err(_) => JoinSet::new(),
