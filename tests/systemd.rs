@@ -823,6 +823,40 @@ fn sigterm_aborts_slow_upload_after_grace() {
 }
 
 #[test]
+fn sigterm_uses_reloaded_grace() {
+    // The grace period comes from the settings in force at SIGTERM, so a
+    // reload can shorten it.
+    let server = UploadServer::start(Duration::from_secs(120));
+    let home = Home::new();
+    home.write_config(&server, "shutdown_grace_ms = 60000\n");
+    home.write_credential(GOOD_TOKEN);
+    let mut socket = NotifySocket::bind(home.path());
+    let mut daemon = Daemon::start(&home, Some(&socket));
+    let ready = socket.wait_for("READY=1", None, PROMPT);
+
+    home.write_config(&server, "shutdown_grace_ms = 300\n");
+    daemon.signal(libc::SIGHUP);
+    let reloading = socket.wait_for("RELOADING=1", Some(ready), PROMPT);
+    socket.wait_for("READY=1", Some(reloading), PROMPT);
+    daemon.wait_for_log_after("SIGHUP received", "configuration reloaded", PROMPT);
+    home.drop_archive("slow.zip");
+    wait_until("the server has the whole request", PROMPT, || {
+        server.received() == 1
+    });
+
+    let sent = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let exit = daemon.wait_for_exit(Duration::from_secs(30));
+    assert_eq!(exit.code(), Some(0), "log:\n{}", daemon.log());
+    assert!(
+        sent.elapsed() < Duration::from_secs(15),
+        "the daemon took {:?} to stop, so it kept the 60 s grace from the start",
+        sent.elapsed()
+    );
+    assert!(home.in_outbox("slow.zip"));
+}
+
+#[test]
 fn sigterm_lets_upload_finish_within_grace() {
     let server = UploadServer::start(Duration::from_millis(1500));
     let home = Home::new();

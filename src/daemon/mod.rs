@@ -201,7 +201,8 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     // Shutdown: no new uploads; those in flight get the grace period.
     shared.core().shutting_down = true;
     shared.wake.notify_one();
-    let grace = settings.shutdown_grace;
+    // The settings in force now, which a reload may have changed since start.
+    let grace = shared.core().settings.shutdown_grace;
     crate::systemd::stopping(&format!(
         "stopping; uploads in flight get up to {} ms",
         grace.as_millis()
