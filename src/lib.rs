@@ -15,6 +15,7 @@ pub mod outcome;
 pub mod queue;
 pub mod receiver;
 pub mod retry;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod systemd;

@@ -131,6 +131,12 @@ impl QueueSink for Shared {
 
 /// Runs the daemon until SIGTERM or SIGINT. Errors are start-up failures.
 pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
+    // The handlers go in first: SIGHUP's default action ends the process, and
+    // systemd may send it as soon as READY=1 arrives.
+    let signals = Signals::install().map_err(|err| StartError {
+        code: 1,
+        message: err,
+    })?;
     let Loaded {
         mut settings,
         problems,
@@ -239,13 +245,17 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     crate::systemd::ready(&status_line(&shared));
 
     let dispatcher = tokio::spawn(dispatch(shared.clone()));
-    wait_for_signals(&shared).await;
+    wait_for_signals(&shared, signals).await;
 
     // Shutdown: no new uploads; those in flight get the grace period.
     shared.core().shutting_down = true;
     shared.wake.notify_one();
-    crate::systemd::stopping();
-    let grace = settings.shutdown_grace;
+    // The settings in force now, which a reload may have changed since start.
+    let grace = shared.core().settings.shutdown_grace;
+    crate::systemd::stopping(&format!(
+        "stopping; uploads in flight get up to {} ms",
+        grace.as_millis()
+    ));
     let in_flight = match dispatcher.await {
         Ok(set) => set,
         Err(_) => JoinSet::new(),
@@ -298,11 +308,34 @@ fn log_token_warnings(token: &TokenState) {
     }
 }
 
-async fn wait_for_signals(shared: &Arc<Shared>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler failed");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler failed");
-    let mut hup = signal(SignalKind::hangup()).expect("installing the SIGHUP handler failed");
+/// The signal streams of `run`. Signals that arrive before `wait_for_signals`
+/// listens are kept, not lost.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).map_err(|err| format!("installing the {name} handler failed: {err}"))
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
+async fn wait_for_signals(shared: &Arc<Shared>, signals: Signals) {
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received; stopping"); return; }
