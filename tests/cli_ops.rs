@@ -1146,3 +1146,52 @@ fn status_watch_refreshes_until_interrupt() {
     let code = child.wait().unwrap().code();
     assert_eq!(code, Some(3), "the exit code is the last refresh's");
 }
+
+#[test]
+fn check_warns_unit_without_linger() {
+    let sandbox = Sandbox::new();
+    let server = TestServer::start(201);
+    let units = sandbox.path().join("home/.config/systemd/user");
+    std::fs::create_dir_all(&units).unwrap();
+    std::fs::write(units.join("outboxd.service"), "[Service]\nType=notify\n").unwrap();
+
+    let run = check_with_token(&sandbox, &server.url(), TOKEN);
+
+    // The linger flag is a file per user name; this test runs as whichever
+    // user CI uses, so the expectation follows the machine's real state.
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let lingering = std::fs::read_dir("/var/lib/systemd/linger")
+        .map(|entries| {
+            entries.filter_map(Result::ok).any(|entry| {
+                std::fs::metadata(entry.path()).is_ok()
+                    && users_match(&entry.file_name().to_string_lossy(), uid)
+            })
+        })
+        .unwrap_or(false);
+    let warning = run.line("WARN  linger");
+    if lingering {
+        assert!(warning.is_none(), "linger is on, yet check warned: {run:?}");
+    } else {
+        let warning = warning.unwrap_or_else(|| panic!("no linger warning: {run:?}"));
+        assert!(
+            warning.contains("enable-linger"),
+            "the warning names the fix: {warning}"
+        );
+    }
+}
+
+/// True when the user `name` has the uid `uid`, by /etc/passwd.
+fn users_match(name: &str, uid: u32) -> bool {
+    std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            Some((
+                fields.first()?.to_string(),
+                fields.get(2)?.parse::<u32>().ok()?,
+            ))
+        })
+        .any(|(user, id)| user == name && id == uid)
+}

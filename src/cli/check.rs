@@ -85,6 +85,9 @@ pub async fn check(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
         "the queue and the control socket",
     );
     check_daemon(&mut findings, settings).await;
+    if let Some(warning) = crate::service::linger_warning() {
+        findings.report(Level::Warn, "linger", &warning);
+    }
     let uploader = check_server(&mut findings, settings);
     probe(&mut findings, uploader, token, settings).await;
 
