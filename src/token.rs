@@ -229,6 +229,11 @@ pub fn validate(raw: &str) -> Result<Token, &'static str> {
     if value.chars().any(char::is_whitespace) {
         return Err("it contains whitespace");
     }
+    // Bearer tokens are ASCII (RFC 6750, section 2.1). A byte order mark that
+    // an editor put in front of the token is the usual cause.
+    if !value.is_ascii() {
+        return Err("it contains a non-ASCII character, such as a byte order mark; save the token as plain ASCII text");
+    }
     Ok(Token(value.to_string()))
 }
 
@@ -359,6 +364,109 @@ mod tests {
             }
             other => panic!("expected Invalid, got {other:?}"),
         }
+    }
+
+    /// Invalid token values, each with the part of the problem text that its
+    /// message must contain. Every value contains `s3cr3t`, which no message may.
+    const INVALID_CASES: &[(&str, &str)] = &[
+        ("", "empty"),
+        (" \t \n", "empty"),
+        ("\"s3cr3t\"", "quotes"),
+        ("'s3cr3t'", "quotes"),
+        ("s3cr3t\"", "quotes"),
+        ("export OUTBOXD_TOKEN=s3cr3t", "shell assignment"),
+        ("OUTBOXD_TOKEN=s3cr3t", "shell assignment"),
+        ("$s3cr3t", "$NAME"),
+        ("${s3cr3t}", "$NAME"),
+        ("s3cr3t$HOME", "$NAME"),
+        ("s3cr3t\r\n", "carriage return"),
+        ("s3cr3t\rx", "carriage return"),
+        ("s3cr3t\u{1b}[0m", "control character"),
+        ("s3cr3t\u{0}", "control character"),
+        ("s3cr3t\nsecond-line", "several lines"),
+        ("\u{feff}s3cr3t", "non-ASCII"),
+        ("s3cr3t value", "whitespace"),
+    ];
+
+    fn expect_invalid(lookup: TokenLookup, input: &str) -> String {
+        match lookup {
+            TokenLookup::Invalid(text) => {
+                assert!(!text.contains("s3cr3t"), "message shows the value: {text}");
+                text
+            }
+            other => panic!("{input:?}: expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn invalid_token_file_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let config = TokenConfig {
+            token_file: Some(path.clone()),
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        for (input, problem) in INVALID_CASES {
+            std::fs::write(&path, input).unwrap();
+            let text = expect_invalid(lookup(&config, None, |_| None), input);
+            assert!(
+                text.contains(&format!("token file {}", path.display())),
+                "{input:?}: message does not name the file: {text}"
+            );
+            assert!(text.contains(problem), "{input:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn invalid_credential_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(CREDENTIAL_NAME);
+        let config = TokenConfig {
+            token_file: None,
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        for (input, problem) in INVALID_CASES {
+            std::fs::write(&path, input).unwrap();
+            let lookup = lookup(&config, Some(dir.path()), |_| Some("from-env".into()));
+            let text = expect_invalid(lookup, input);
+            assert!(
+                text.contains(&format!("systemd credential {}", path.display())),
+                "{input:?}: message does not name the credential: {text}"
+            );
+            assert!(text.contains(problem), "{input:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn invalid_environment_table() {
+        let config = TokenConfig {
+            token_file: None,
+            token_env: "RPA_TOKEN_ADMIN".into(),
+        };
+        for (input, problem) in INVALID_CASES {
+            let lookup = lookup(&config, None, |name| {
+                (name == "RPA_TOKEN_ADMIN").then(|| input.to_string())
+            });
+            let text = expect_invalid(lookup, input);
+            assert!(
+                text.contains("environment variable RPA_TOKEN_ADMIN"),
+                "{input:?}: message does not name the variable: {text}"
+            );
+            assert!(text.contains(problem), "{input:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn non_utf8_token_file_is_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, b"s3cr3t\xff\xfe").unwrap();
+        let config = TokenConfig {
+            token_file: Some(path),
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        let text = expect_invalid(lookup(&config, None, |_| None), "non-UTF-8");
+        assert!(text.contains("UTF-8"), "{text}");
     }
 
     #[test]
