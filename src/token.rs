@@ -58,9 +58,40 @@ impl fmt::Display for TokenSource {
         match self {
             TokenSource::File(path) => write!(f, "token file {}", path.display()),
             TokenSource::Credential(path) => write!(f, "systemd credential {}", path.display()),
-            TokenSource::Env(name) => write!(f, "environment variable {name}"),
+            TokenSource::Env(name) => write!(f, "{}", describe_env_variable(name)),
         }
     }
+}
+
+/// Names the environment variable of `token_env` for a message. A name that
+/// is not in the usual form of upper-case letters, digits and `_` may be the
+/// token itself, pasted into `token_env` by mistake, so it is not shown.
+// NOTE: a token made only of upper-case letters, digits and `_` still looks
+// like a variable name and is shown.
+fn describe_env_variable(name: &str) -> String {
+    let usual = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if usual {
+        format!("environment variable {name}")
+    } else {
+        "the environment variable named by token_env (its name is not shown because it is not \
+         in upper case and could be a token)"
+            .to_string()
+    }
+}
+
+/// True for a name that a shell can export: ASCII letters, digits and `_`,
+/// not starting with a digit.
+fn is_env_name(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The outcome of a token lookup.
@@ -104,6 +135,15 @@ pub fn lookup(
             return read_file_source(&path, TokenSource::Credential(path.clone()));
         }
     }
+    if !is_env_name(&config.token_env) {
+        // The value is not shown: a token pasted into token_env lands here.
+        return TokenLookup::Invalid(
+            "token_env is not a valid environment variable name (letters, digits and _, not \
+             starting with a digit); set it to the name of the variable that holds the token, \
+             not to the token itself"
+                .to_string(),
+        );
+    }
     match env(&config.token_env) {
         Some(value) => {
             let source = TokenSource::Env(config.token_env.clone());
@@ -123,10 +163,10 @@ pub fn lookup(
                 Some(dir) => format!("{} does not exist", dir.join(CREDENTIAL_NAME).display()),
                 None => "CREDENTIALS_DIRECTORY is not set".to_string(),
             };
+            let variable = describe_env_variable(&config.token_env);
             TokenLookup::Missing(format!(
-                "no token configured: token_file is not set, {credential}, and the environment \
-                 variable {} is not set; set token_file or {} (or token_env)",
-                config.token_env, config.token_env
+                "no token configured: token_file is not set, {credential}, and {variable} is not \
+                 set; set token_file, or that variable (its name is set by token_env)"
             ))
         }
     }
@@ -467,6 +507,27 @@ mod tests {
         };
         let text = expect_invalid(lookup(&config, None, |_| None), "non-UTF-8");
         assert!(text.contains("UTF-8"), "{text}");
+    }
+
+    #[test]
+    fn token_env_holding_token_is_not_shown() {
+        for name in ["s3cr3t-abc.def", "s3cr3t/abc+def==", ""] {
+            let config = TokenConfig {
+                token_file: None,
+                token_env: name.into(),
+            };
+            let text = expect_invalid(lookup(&config, None, |_| None), name);
+            assert!(text.contains("token_env"), "{name:?}: {text}");
+        }
+        // A valid name that is not upper case is looked up but never shown.
+        let config = TokenConfig {
+            token_file: None,
+            token_env: "ghp_s3cr3tAbCdEf0123".into(),
+        };
+        match lookup(&config, None, |_| None) {
+            TokenLookup::Missing(text) => assert!(!text.contains("s3cr3t"), "{text}"),
+            other => panic!("expected Missing, got {other:?}"),
+        }
     }
 
     #[test]
