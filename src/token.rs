@@ -6,13 +6,19 @@
 //! `LoadCredential=`), then the environment variable named by `token_env`.
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
 /// File name of the token under systemd's `$CREDENTIALS_DIRECTORY`.
 pub const CREDENTIAL_NAME: &str = "outboxd-token";
+
+/// Largest token file that is read. Bearer tokens, JWTs included, are far
+/// smaller, and the limit keeps a wrong path, such as a log file, from being
+/// read whole.
+const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
 
 /// A bearer token. `Debug` and `Display` print a placeholder, so that the value
 /// cannot reach a log line or a panic message by accident.
@@ -181,20 +187,49 @@ pub fn lookup_from_process(config: &TokenConfig) -> TokenLookup {
 }
 
 fn read_file_source(path: &Path, source: TokenSource) -> TokenLookup {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+    let unreadable = |err: std::io::Error| {
+        TokenLookup::Invalid(format!(
+            "{source} cannot be read: {err}; make it readable by this user (mode 0600)"
+        ))
+    };
+    // O_NONBLOCK keeps a fifo at the path from blocking the daemon, and the
+    // fifo is then rejected as not a regular file. Symbolic links are followed,
+    // because deployments swap the token through one.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             return TokenLookup::Missing(format!(
                 "{source} does not exist; create it with the upload token (mode 0600), \
                  the daemon starts as soon as it appears"
             ));
         }
-        Err(err) => {
-            return TokenLookup::Invalid(format!(
-                "{source} cannot be read: {err}; make it readable by this user (mode 0600)"
-            ));
-        }
+        Err(err) => return unreadable(err),
     };
+
+    match file.metadata() {
+        Ok(metadata) if metadata.is_file() => {}
+        Ok(_) => {
+            return TokenLookup::Invalid(format!(
+                "{source} is not a regular file; point it at a file that contains only the token"
+            ))
+        }
+        Err(err) => return unreadable(err),
+    }
+
+    let mut bytes = Vec::new();
+    if let Err(err) = file.take(MAX_TOKEN_FILE_BYTES + 1).read_to_end(&mut bytes) {
+        return unreadable(err);
+    }
+    if bytes.len() as u64 > MAX_TOKEN_FILE_BYTES {
+        return TokenLookup::Invalid(format!(
+            "{source} is larger than {MAX_TOKEN_FILE_BYTES} bytes, so it is not a token file; \
+             point it at a file that contains only the token"
+        ));
+    }
     let Ok(text) = String::from_utf8(bytes) else {
         return TokenLookup::Invalid(format!(
             "the token in {source} is invalid: it is not valid UTF-8"
@@ -528,6 +563,35 @@ mod tests {
             TokenLookup::Missing(text) => assert!(!text.contains("s3cr3t"), "{text}"),
             other => panic!("expected Missing, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn fifo_token_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: c_path is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let config = TokenConfig {
+            token_file: Some(path),
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        // A blocking read of the fifo would hang this test.
+        let text = expect_invalid(lookup(&config, None, |_| None), "fifo");
+        assert!(text.contains("not a regular file"), "{text}");
+    }
+
+    #[test]
+    fn oversized_token_file_is_invalid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t".repeat(20_000)).unwrap();
+        let config = TokenConfig {
+            token_file: Some(path),
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        let text = expect_invalid(lookup(&config, None, |_| None), "oversized");
+        assert!(text.contains("larger than"), "{text}");
     }
 
     #[test]
