@@ -595,6 +595,47 @@ mod tests {
     }
 
     #[test]
+    fn permission_warnings_table() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t\n").unwrap();
+        for (mode, warned) in [(0o600, false), (0o400, false), (0o640, true), (0o604, true)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let warnings = permission_warnings(&path);
+            assert_eq!(
+                warnings.iter().any(|w| w.contains("chmod 600")),
+                warned,
+                "mode {mode:o}: {warnings:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn foreign_owner_is_warned() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: changing a file's owner needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cr3t\n").unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let config = TokenConfig {
+            token_file: Some(path),
+            token_env: "OUTBOXD_TOKEN".into(),
+        };
+        match lookup(&config, None, |_| None) {
+            TokenLookup::Found { warnings, .. } => assert!(
+                warnings.iter().any(|w| w.contains("owned by uid 65534")),
+                "{warnings:?}"
+            ),
+            other => panic!("expected Found, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn missing_everywhere_is_missing() {
         let config = TokenConfig {
             token_file: None,
