@@ -5,6 +5,7 @@
 //! `token_file`, then `$CREDENTIALS_DIRECTORY/outboxd-token` (systemd
 //! `LoadCredential=`), then the environment variable named by `token_env`.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -19,6 +20,9 @@ pub const CREDENTIAL_NAME: &str = "outboxd-token";
 /// smaller, and the limit keeps a wrong path, such as a log file, from being
 /// read whole.
 const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
+/// Text that replaces the token wherever it must not appear.
+const REDACTED: &str = "<redacted>";
 
 /// A bearer token. `Debug` and `Display` print a placeholder, so that the value
 /// cannot reach a log line or a panic message by accident.
@@ -36,6 +40,16 @@ impl Token {
     pub fn fingerprint(&self) -> String {
         let digest = Sha256::digest(self.0.as_bytes());
         hex::encode(&digest[..4])
+    }
+
+    /// Replaces every occurrence of the token in `text`, such as a server's
+    /// response body that echoes the request headers, with a placeholder.
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        if text.contains(self.0.as_str()) {
+            Cow::Owned(text.replace(self.0.as_str(), REDACTED))
+        } else {
+            Cow::Borrowed(text)
+        }
     }
 }
 
@@ -633,6 +647,16 @@ mod tests {
             ),
             other => panic!("expected Found, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn redact_replaces_every_occurrence() {
+        let token = validate("s3cr3t-value").unwrap();
+        assert_eq!(
+            token.redact("Authorization: Bearer s3cr3t-value, again s3cr3t-value"),
+            "Authorization: Bearer <redacted>, again <redacted>"
+        );
+        assert!(matches!(token.redact("nothing here"), Cow::Borrowed(_)));
     }
 
     #[test]
