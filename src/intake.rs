@@ -91,6 +91,13 @@ struct Candidate {
 enum Verdict {
     Gone,
     Ignore,
+    /// Never uploaded and left in place: a symbolic link, a folder, a fifo or
+    /// a device. The message is logged once per entry, at WARN when
+    /// `suspicious`.
+    Leave {
+        message: String,
+        suspicious: bool,
+    },
     Known,
     /// Still changing, or not yet quiet for long enough: look again at `due`.
     /// `stat` is the size and mtime seen now.
@@ -337,9 +344,27 @@ impl Intake {
         .unwrap_or_default();
 
         for (name, before, verdict) in verdicts {
+            if !matches!(verdict, Verdict::Leave { .. }) {
+                self.reported.remove(&name);
+            }
             match verdict {
                 Verdict::Gone | Verdict::Ignore | Verdict::Known => {
                     self.candidates.remove(&name);
+                }
+                Verdict::Leave {
+                    message,
+                    suspicious,
+                } => {
+                    self.candidates.remove(&name);
+                    // Each rescan finds the entry again, so only the first look logs.
+                    if self.reported.insert(name.clone()) {
+                        let shown = name.to_string_lossy().to_string();
+                        if suspicious {
+                            tracing::warn!(file = %shown, "left in place: {message}");
+                        } else {
+                            tracing::info!(file = %shown, "left in place: {message}");
+                        }
+                    }
                 }
                 Verdict::Queue(facts) => {
                     self.candidates.remove(&name);
@@ -445,10 +470,13 @@ fn examine(
         } else {
             "not a regular file"
         };
-        if !(file_type.is_dir() && (name == "rejected" || name == "sent")) {
-            tracing::info!(file = %shown, "left in place: {kind} in the outbox is never uploaded");
+        if file_type.is_dir() && (name == "rejected" || name == "sent") {
+            return Verdict::Ignore;
         }
-        return Verdict::Ignore;
+        return Verdict::Leave {
+            message: format!("{kind} in the outbox is never uploaded"),
+            suspicious: false,
+        };
     }
     if !config.include.is_match(name) {
         if !name.as_bytes().starts_with(b".") {
