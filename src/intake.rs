@@ -358,7 +358,7 @@ impl Intake {
                     self.candidates.remove(&name);
                     // Each rescan finds the entry again, so only the first look logs.
                     if self.reported.insert(name.clone()) {
-                        let shown = name.to_string_lossy().to_string();
+                        let shown = log_name(&name);
                         if suspicious {
                             tracing::warn!(file = %shown, "left in place: {message}");
                         } else {
@@ -372,10 +372,11 @@ impl Intake {
                 }
                 Verdict::Reject(reason) => {
                     self.candidates.remove(&name);
-                    let shown = name.to_string_lossy().to_string();
+                    let shown = log_name(&name);
                     match reject(&self.config.outbox, &name, &reason) {
                         Ok(target) => {
-                            tracing::warn!(file = %shown, reason = %reason, rejected = %target.display(), "rejected a file that is not a complete zip archive")
+                            let rejected = log_name(target.as_os_str());
+                            tracing::warn!(file = %shown, reason = %reason, rejected = %rejected, "rejected a file that is not a complete zip archive")
                         }
                         Err(err) => {
                             tracing::error!(file = %shown, reason = %reason, error = %err, "moving a broken file to rejected/ failed; it stays in the outbox")
@@ -409,6 +410,27 @@ impl Intake {
         self.reported
             .retain(|name| self.config.outbox.join(name).symlink_metadata().is_ok());
     }
+}
+
+/// Returns a file name for a log line, lossily decoded, with control
+/// characters escaped (see [`escape_for_log`]).
+fn log_name(name: &OsStr) -> String {
+    escape_for_log(&name.to_string_lossy())
+}
+
+/// Escapes the control characters of a file name for a log line. A producer
+/// chooses the names in the outbox, and a raw line break in one would let it
+/// write a forged line into a text log.
+pub fn escape_for_log(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 pub fn mtime_ns(metadata: &std::fs::Metadata) -> i128 {
@@ -456,7 +478,7 @@ fn examine(
     candidate: &Candidate,
 ) -> Verdict {
     let path = config.outbox.join(name);
-    let shown = name.to_string_lossy();
+    let shown = log_name(name);
     let metadata = match path.symlink_metadata() {
         Ok(metadata) => metadata,
         Err(_) => return Verdict::Gone,
@@ -695,6 +717,19 @@ mod tests {
         ] {
             assert_eq!(matcher.is_match(OsStr::new(name)), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn log_name_escapes_control_characters() {
+        assert_eq!(
+            log_name(OsStr::new("a\nb\t\u{1b}[31m.zip")),
+            "a\\nb\\t\\u{1b}[31m.zip"
+        );
+        assert_eq!(
+            log_name(OsStr::from_bytes(b"bad\xff.zip")),
+            "bad\u{fffd}.zip"
+        );
+        assert_eq!(log_name(OsStr::new("plain name.zip")), "plain name.zip");
     }
 
     #[test]

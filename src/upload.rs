@@ -167,7 +167,7 @@ impl Uploader {
 
     /// Sends one file. `progress` receives the count of body bytes of the
     /// archive handed to the connection.
-    #[instrument(skip_all, fields(file = %job.file_name))]
+    #[instrument(skip_all, fields(file = %crate::intake::escape_for_log(&job.file_name)))]
     pub async fn upload(
         &self,
         job: &UploadJob,
