@@ -92,8 +92,8 @@ enum Verdict {
     Gone,
     Ignore,
     /// Never uploaded and left in place: a symbolic link, a folder, a fifo or
-    /// a device. The message is logged once per entry, at WARN when
-    /// `suspicious`.
+    /// device, or a hard link to another user's file. The message is logged
+    /// once per entry, at WARN when `suspicious`.
     Leave {
         message: String,
         suspicious: bool,
@@ -433,6 +433,21 @@ pub fn escape_for_log(name: &str) -> String {
         .collect()
 }
 
+/// Describes a file that is a hard link to a file of another user, which is
+/// never uploaded. Otherwise a user who can write into the outbox could make
+/// the daemon send a file that only the daemon's user can read.
+fn foreign_hard_link(metadata: &std::fs::Metadata) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    (metadata.nlink() > 1 && metadata.uid() != euid).then(|| {
+        format!(
+            "a hard link to a file of uid {} (this daemon runs as uid {euid}) is never uploaded; \
+             copy the archive into the outbox, or move it there as its owner",
+            metadata.uid()
+        )
+    })
+}
+
 pub fn mtime_ns(metadata: &std::fs::Metadata) -> i128 {
     metadata.mtime() as i128 * 1_000_000_000 + metadata.mtime_nsec() as i128
 }
@@ -506,6 +521,12 @@ fn examine(
         }
         return Verdict::Ignore;
     }
+    if let Some(message) = foreign_hard_link(&metadata) {
+        return Verdict::Leave {
+            message,
+            suspicious: true,
+        };
+    }
     let now = Instant::now();
     let stat = (metadata.len(), mtime_ns(&metadata));
     let wait = |delay: Duration| Verdict::Wait {
@@ -560,6 +581,13 @@ fn examine(
     };
     if !opened.is_file() || opened.ino() != metadata.ino() {
         return wait(config.settle);
+    }
+    // A link made between the look above and the open.
+    if let Some(message) = foreign_hard_link(&opened) {
+        return Verdict::Leave {
+            message,
+            suspicious: true,
+        };
     }
     if let Err(problem) = zipfile::check_complete(&mut file, opened.len()) {
         let closed_and_quiet = candidate.closed && quiet >= config.settle;
