@@ -316,8 +316,15 @@ impl Intake {
         if self.candidates.remove(&OsString::new()).is_some() {
             self.rescan(true).await;
         }
-        let mut names: Vec<OsString> = std::mem::take(&mut self.ready);
-        let mut seen: HashSet<OsString> = names.iter().cloned().collect();
+        // Each name is looked at once, although a rename reports its
+        // destination twice (notify sends a To and a Both event).
+        let mut names: Vec<OsString> = Vec::new();
+        let mut seen: HashSet<OsString> = HashSet::new();
+        for name in std::mem::take(&mut self.ready) {
+            if seen.insert(name.clone()) {
+                names.push(name);
+            }
+        }
         for (name, candidate) in &self.candidates {
             if candidate.due <= now && seen.insert(name.clone()) {
                 names.push(name.clone());
