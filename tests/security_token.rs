@@ -25,13 +25,18 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(20);
 /// Time a daemon gets to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Time that an idle daemon's log is watched for growth.
+const IDLE_WINDOW: Duration = Duration::from_secs(1);
+
+/// Maximum growth of an idle daemon's TRACE log in `IDLE_WINDOW`. A log that
+/// records its own writes grows by megabytes in that time.
+const MAX_IDLE_LOG_GROWTH: u64 = 64 * 1024;
+
 /// Lines of a failing test's daemon log that are printed.
 const LOG_TAIL_LINES: usize = 300;
 
 /// A daemon started with `RUST_LOG=trace`, which `Daemon` cannot do because
-/// its commands set `RUST_LOG=debug`. Its stderr goes to `logs/trace.stderr`
-/// in the home, because a log in the token file's folder, which the daemon
-/// watches, would log an event for each of its own writes.
+/// its commands set `RUST_LOG=debug`. Its stderr goes to `log_path`.
 struct TracedDaemon {
     home: Home,
     log_path: PathBuf,
@@ -43,7 +48,19 @@ impl TracedDaemon {
     /// and `env` set, and waits until it is ready.
     fn start(home: Home, args: &[String], env: &[(&str, &str)]) -> TracedDaemon {
         let log_path = home.path.join("logs").join("trace.stderr");
-        fs::create_dir_all(home.path.join("logs")).expect("creating the log folder failed");
+        TracedDaemon::start_logging_to(home, log_path, args, env)
+    }
+
+    /// Starts the daemon like `start`, with its stderr in `log_path`.
+    fn start_logging_to(
+        home: Home,
+        log_path: PathBuf,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> TracedDaemon {
+        if let Some(folder) = log_path.parent() {
+            fs::create_dir_all(folder).expect("creating the log folder failed");
+        }
         let stderr = File::create(&log_path).expect("creating the daemon log failed");
 
         let mut command = home.command("run");
@@ -518,4 +535,33 @@ fn token_file_permissions_warned() {
         .filter(|line| line.contains("WARN"))
         .count();
     assert_eq!(logged, 1, "WARN lines about the token file's owner");
+}
+
+#[test]
+fn trace_log_beside_token_file_stays_small() {
+    let server = FaultServer::with_token(TOKEN);
+    let home = Home::new();
+    // The daemon watches the token file's folder, and so sees every write to
+    // a log file kept there.
+    let log_path = home.path.join("daemon-trace.log");
+    let token_file = home.token_file.display().to_string();
+    let args = run_args(&server.url(), &["--token-file", &token_file]);
+    let daemon = TracedDaemon::start_logging_to(home, log_path.clone(), &args, &[]);
+    let size = || fs::metadata(&log_path).map_or(0, |metadata| metadata.len());
+
+    thread::sleep(Duration::from_millis(300));
+    let before = size();
+    thread::sleep(IDLE_WINDOW);
+    let growth = size().saturating_sub(before);
+    assert!(
+        growth < MAX_IDLE_LOG_GROWTH,
+        "the idle daemon logged {growth} bytes in {IDLE_WINDOW:?}: {:?}",
+        log_targets(&daemon.log())
+    );
+    // Tracing is still on for the daemon itself.
+    assert!(
+        daemon.log().contains("TRACE"),
+        "no TRACE line in the log: {:?}",
+        log_targets(&daemon.log())
+    );
 }
