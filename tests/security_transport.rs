@@ -1,6 +1,7 @@
 //! Security tests of the transport, with the real daemon binary. Plain http://
 //! to a host other than loopback is rejected before any connection, no
-//! redirect is followed, and TLS trusts a private CA only through `ca_file`.
+//! redirect is followed, TLS trusts a private CA only through `ca_file`, and
+//! the HTTP/2 frame log does not show the token.
 //! Every server here listens on 127.0.0.1 and is started by the test.
 
 mod common;
@@ -233,8 +234,17 @@ struct TlsRecords {
     handshake_errors: Mutex<Vec<String>>,
 }
 
-/// An HTTPS server on 127.0.0.1 that responds to every complete HTTP/1.1
-/// request with 201 and records it. It offers no ALPN, so clients speak HTTP/1.1.
+/// The HTTP version that a `TlsServer` speaks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    /// No ALPN is offered, so clients speak HTTP/1.1.
+    Http1,
+    /// Only `h2` is offered through ALPN.
+    Http2,
+}
+
+/// An HTTPS server on 127.0.0.1 that responds to every complete request with
+/// 201 and records it.
 struct TlsServer {
     runtime: Option<Runtime>,
     addr: SocketAddr,
@@ -242,14 +252,14 @@ struct TlsServer {
 }
 
 impl TlsServer {
-    fn start(pki: &TestPki) -> TlsServer {
+    fn start(pki: &TestPki, protocol: Protocol) -> TlsServer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("building the TLS server's runtime failed");
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-        let config = ServerConfig::builder_with_provider(provider)
+        let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .expect("the ring provider supports the default TLS versions")
             .with_no_client_auth()
@@ -258,6 +268,9 @@ impl TlsServer {
                 pki.server_key.clone_key(),
             )
             .expect("the server certificate and key do not match");
+        if protocol == Protocol::Http2 {
+            config.alpn_protocols = vec![b"h2".to_vec()];
+        }
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let records = Arc::new(TlsRecords::default());
 
@@ -329,6 +342,11 @@ async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, records: Arc<TlsRec
         }
         Err(_) => return,
     };
+    let negotiated_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+    if negotiated_h2 {
+        serve_h2(tls, records).await;
+        return;
+    }
 
     let mut buffer = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -367,6 +385,48 @@ async fn serve_tls(acceptor: TlsAcceptor, stream: TcpStream, records: Arc<TlsRec
     let _ = tls.shutdown().await;
 }
 
+/// Serves one HTTP/2 connection, each request in its own task, because the
+/// connection must be polled while a request body is read.
+async fn serve_h2(tls: tokio_rustls::server::TlsStream<TcpStream>, records: Arc<TlsRecords>) {
+    let Ok(Ok(mut connection)) =
+        tokio::time::timeout(TLS_IO_TIMEOUT, h2::server::handshake(tls)).await
+    else {
+        return;
+    };
+    while let Some(Ok((request, respond))) = connection.accept().await {
+        tokio::spawn(serve_h2_request(request, respond, records.clone()));
+    }
+}
+
+async fn serve_h2_request(
+    request: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    records: Arc<TlsRecords>,
+) {
+    let (parts, mut body) = request.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { return };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let mut head = format!("{} {} {:?}\r\n", parts.method, parts.uri, parts.version);
+    for (name, value) in &parts.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    records
+        .requests
+        .lock()
+        .unwrap()
+        .push(TlsRequest { head, body: data });
+    let response = http::Response::builder()
+        .status(201)
+        .body(())
+        .expect("a 201 response without headers is valid");
+    let _ = respond.send_response(response, true);
+}
+
 /// Returns the `Content-Length` of a lower-cased request head, 0 when absent.
 fn content_length(head: &str) -> usize {
     head.lines()
@@ -378,7 +438,7 @@ fn content_length(head: &str) -> usize {
 #[test]
 fn tls_private_ca_needs_ca_file() {
     let pki = TestPki::generate(&["127.0.0.1", "localhost"]);
-    let server = TlsServer::start(&pki);
+    let server = TlsServer::start(&pki, Protocol::Http1);
     let daemon = Daemon::start(&run_args(&server.url(), &[]));
     let home = daemon.home();
     let bytes = archive("sent over tls", 4096);
@@ -455,7 +515,7 @@ fn tls_private_ca_needs_ca_file() {
 #[test]
 fn tls_wrong_name_holds_with_ca_file() {
     let pki = TestPki::generate(&["uploads.example.invalid"]);
-    let server = TlsServer::start(&pki);
+    let server = TlsServer::start(&pki, Protocol::Http1);
     let home = common::Home::new();
     let ca_path = home.path.join("ca.pem");
     fs::write(&ca_path, &pki.ca_pem).expect("writing the CA file failed");
@@ -474,4 +534,49 @@ fn tls_wrong_name_holds_with_ca_file() {
     );
     assert!(detail.contains("ca_file"), "auth.detail: {detail:?}");
     assert_eq!(server.request_count(), 0, "requests to the wrong name");
+}
+
+#[test]
+fn h2_upload_keeps_token_out_of_log() {
+    let pki = TestPki::generate(&["127.0.0.1"]);
+    let server = TlsServer::start(&pki, Protocol::Http2);
+    let home = common::Home::new();
+    let ca_path = home.path.join("ca.pem");
+    fs::write(&ca_path, &pki.ca_pem).expect("writing the CA file failed");
+    let ca_arg = ca_path.display().to_string();
+    let daemon = Daemon::start_in(home, &run_args(&server.url(), &["--ca-file", &ca_arg]));
+    let bytes = archive("sent over h2", 4096);
+    daemon.home().drop_zip("h2.zip", &bytes);
+
+    let mut head = None;
+    wait_until(DELIVERY_TIMEOUT, || {
+        head = server.head_of_request_with(&bytes);
+        head.is_some()
+    });
+    let head = head.unwrap_or_else(|| {
+        panic!(
+            "h2.zip did not arrive over HTTP/2; handshake errors: {:?}",
+            server.handshake_errors()
+        )
+    });
+    assert!(head.contains("HTTP/2.0"), "request head: {head}");
+    assert!(
+        head.contains(&format!("authorization: Bearer {TOKEN}")),
+        "the request carried no bearer token: {head}"
+    );
+
+    // The harness runs the daemon at RUST_LOG=debug, where h2 logs every frame
+    // that it sends, the HEADERS frame with the token among them.
+    let log = daemon.stderr();
+    let frames = log
+        .lines()
+        .filter(|line| line.contains("h2::codec::framed_write") && line.contains("Headers"))
+        .count();
+    assert!(frames > 0, "no HEADERS frame in the log");
+    let leaks: Vec<&str> = log.lines().filter(|line| line.contains(TOKEN)).collect();
+    assert_eq!(
+        leaks,
+        Vec::<&str>::new(),
+        "log lines that contain the token"
+    );
 }
