@@ -90,8 +90,15 @@ struct Candidate {
 /// The result of looking at a candidate, computed off the async runtime.
 enum Verdict {
     Gone,
-    /// Left in place. The text, if any, is logged once per file.
-    Ignore(Option<String>),
+    /// Left in place without a log line: a name outside `include`, or `rejected/` and `sent/`.
+    Ignore,
+    /// Never uploaded and left in place: a symbolic link, a folder, a fifo or
+    /// device, or a hard link to another user's file. The message is logged
+    /// once per entry, at WARN when `suspicious`.
+    Leave {
+        message: String,
+        suspicious: bool,
+    },
     Known,
     /// Still changing, or not yet quiet for long enough: look again at `due`.
     /// `stat` is the size and mtime seen now.
@@ -310,8 +317,15 @@ impl Intake {
         if self.candidates.remove(&OsString::new()).is_some() {
             self.rescan(true).await;
         }
-        let mut names: Vec<OsString> = std::mem::take(&mut self.ready);
-        let mut seen: HashSet<OsString> = names.iter().cloned().collect();
+        // Each name is looked at once, although a rename reports its
+        // destination twice (notify sends a To and a Both event).
+        let mut names: Vec<OsString> = Vec::new();
+        let mut seen: HashSet<OsString> = HashSet::new();
+        for name in std::mem::take(&mut self.ready) {
+            if seen.insert(name.clone()) {
+                names.push(name);
+            }
+        }
         for (name, candidate) in &self.candidates {
             if candidate.due <= now && seen.insert(name.clone()) {
                 names.push(name.clone());
@@ -338,15 +352,25 @@ impl Intake {
         .unwrap_or_default();
 
         for (name, before, verdict) in verdicts {
+            if !matches!(verdict, Verdict::Leave { .. }) {
+                self.reported.remove(&name);
+            }
             match verdict {
-                Verdict::Gone | Verdict::Known => {
+                Verdict::Gone | Verdict::Ignore | Verdict::Known => {
                     self.candidates.remove(&name);
                 }
-                Verdict::Ignore(message) => {
+                Verdict::Leave {
+                    message,
+                    suspicious,
+                } => {
                     self.candidates.remove(&name);
-                    if let Some(message) = message {
-                        if self.reported.insert(name.clone()) {
-                            tracing::info!(file = %name.to_string_lossy(), "{message}");
+                    // Each rescan finds the entry again, so only the first look logs.
+                    if self.reported.insert(name.clone()) {
+                        let shown = log_name(&name);
+                        if suspicious {
+                            tracing::warn!(file = %shown, "left in place: {message}");
+                        } else {
+                            tracing::info!(file = %shown, "left in place: {message}");
                         }
                     }
                 }
@@ -356,10 +380,11 @@ impl Intake {
                 }
                 Verdict::Reject(reason) => {
                     self.candidates.remove(&name);
-                    let shown = name.to_string_lossy().to_string();
+                    let shown = log_name(&name);
                     match reject(&self.config.outbox, &name, &reason) {
                         Ok(target) => {
-                            tracing::warn!(file = %shown, reason = %reason, rejected = %target.display(), "rejected a file that is not a complete zip archive")
+                            let rejected = log_name(target.as_os_str());
+                            tracing::warn!(file = %shown, reason = %reason, rejected = %rejected, "rejected a file that is not a complete zip archive")
                         }
                         Err(err) => {
                             tracing::error!(file = %shown, reason = %reason, error = %err, "moving a broken file to rejected/ failed; it stays in the outbox")
@@ -393,6 +418,42 @@ impl Intake {
         self.reported
             .retain(|name| self.config.outbox.join(name).symlink_metadata().is_ok());
     }
+}
+
+/// Returns a file name for a log line, lossily decoded, with control
+/// characters escaped (see [`escape_for_log`]).
+fn log_name(name: &OsStr) -> String {
+    escape_for_log(&name.to_string_lossy())
+}
+
+/// Escapes the control characters of a file name for a log line. A producer
+/// chooses the names in the outbox, and a raw line break in one would let it
+/// write a forged line into a text log.
+pub fn escape_for_log(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// Describes a file that is a hard link to a file of another user, which is
+/// never uploaded. Otherwise a user who can write into the outbox could make
+/// the daemon send a file that only the daemon's user can read.
+fn foreign_hard_link(metadata: &std::fs::Metadata) -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    (metadata.nlink() > 1 && metadata.uid() != euid).then(|| {
+        format!(
+            "a hard link to a file of uid {} (this daemon runs as uid {euid}) is never uploaded; \
+             copy the archive into the outbox, or move it there as its owner",
+            metadata.uid()
+        )
+    })
 }
 
 pub fn mtime_ns(metadata: &std::fs::Metadata) -> i128 {
@@ -440,7 +501,7 @@ fn examine(
     candidate: &Candidate,
 ) -> Verdict {
     let path = config.outbox.join(name);
-    let shown = name.to_string_lossy();
+    let shown = log_name(name);
     let metadata = match path.symlink_metadata() {
         Ok(metadata) => metadata,
         Err(_) => return Verdict::Gone,
@@ -455,17 +516,24 @@ fn examine(
             "not a regular file"
         };
         if file_type.is_dir() && (name == "rejected" || name == "sent") {
-            return Verdict::Ignore(None);
+            return Verdict::Ignore;
         }
-        return Verdict::Ignore(Some(format!(
-            "left in place: {kind} in the outbox is never uploaded"
-        )));
+        return Verdict::Leave {
+            message: format!("{kind} in the outbox is never uploaded"),
+            suspicious: false,
+        };
     }
     if !config.include.is_match(name) {
         if !name.as_bytes().starts_with(b".") {
             tracing::debug!(file = %shown, "left in place: the name does not match include");
         }
-        return Verdict::Ignore(None);
+        return Verdict::Ignore;
+    }
+    if let Some(message) = foreign_hard_link(&metadata) {
+        return Verdict::Leave {
+            message,
+            suspicious: true,
+        };
     }
     let now = Instant::now();
     let stat = (metadata.len(), mtime_ns(&metadata));
@@ -521,6 +589,13 @@ fn examine(
     };
     if !opened.is_file() || opened.ino() != metadata.ino() {
         return wait(config.settle);
+    }
+    // A link made between the look above and the open.
+    if let Some(message) = foreign_hard_link(&opened) {
+        return Verdict::Leave {
+            message,
+            suspicious: true,
+        };
     }
     if let Err(problem) = zipfile::check_complete(&mut file, opened.len()) {
         let closed_and_quiet = candidate.closed && quiet >= config.settle;
@@ -678,6 +753,19 @@ mod tests {
         ] {
             assert_eq!(matcher.is_match(OsStr::new(name)), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn log_name_escapes_control_characters() {
+        assert_eq!(
+            log_name(OsStr::new("a\nb\t\u{1b}[31m.zip")),
+            "a\\nb\\t\\u{1b}[31m.zip"
+        );
+        assert_eq!(
+            log_name(OsStr::from_bytes(b"bad\xff.zip")),
+            "bad\u{fffd}.zip"
+        );
+        assert_eq!(log_name(OsStr::new("plain name.zip")), "plain name.zip");
     }
 
     #[test]

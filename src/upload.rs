@@ -167,7 +167,7 @@ impl Uploader {
 
     /// Sends one file. `progress` receives the count of body bytes of the
     /// archive handed to the connection.
-    #[instrument(skip_all, fields(file = %job.file_name))]
+    #[instrument(skip_all, fields(file = %crate::intake::escape_for_log(&job.file_name)))]
     pub async fn upload(
         &self,
         job: &UploadJob,
@@ -207,7 +207,7 @@ impl Uploader {
             .bearer_auth(token.expose())
             .header("Idempotency-Key", &job.sha256)
             .multipart(form);
-        let result = self.finish(request).await;
+        let result = self.finish(request, token).await;
         if changed.load(Ordering::SeqCst) {
             return Attempt::Local(LocalFault::Changed(
                 "the file changed while it was sent; the request was aborted before the body was complete".into(),
@@ -227,7 +227,7 @@ impl Uploader {
             .post(self.url.clone())
             .bearer_auth(token.expose())
             .multipart(form);
-        match self.finish(request).await {
+        match self.finish(request, token).await {
             Outcome::Rejected { reason }
                 if reason.starts_with("HTTP 400") || reason.starts_with("HTTP 422") =>
             {
@@ -239,7 +239,11 @@ impl Uploader {
         }
     }
 
-    async fn finish(&self, request: reqwest::RequestBuilder) -> Outcome {
+    /// Sends the request and classifies the response. `token` is removed from
+    /// the response text, because a server that echoes the request (a debugging
+    /// proxy, an error page that dumps the headers) would otherwise put it into
+    /// reasons, logs and `status`.
+    async fn finish(&self, request: reqwest::RequestBuilder, token: &Token) -> Outcome {
         let mut response = match request.send().await {
             Ok(response) => response,
             Err(err) => return outcome::classify_error(&err),
@@ -262,12 +266,14 @@ impl Uploader {
             }
         }
         body.truncate(RESPONSE_EXCERPT_BYTES);
+        let body = String::from_utf8_lossy(&body);
+        let location = location.map(|location| token.redact(&location).into_owned());
         outcome::classify_response(
             status.as_u16(),
             status.canonical_reason().unwrap_or(""),
             retry_after.as_deref(),
             location.as_deref(),
-            &String::from_utf8_lossy(&body),
+            &token.redact(&body),
             self.retry_after_max,
             SystemTime::now(),
         )

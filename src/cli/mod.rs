@@ -267,10 +267,42 @@ fn colour_enabled() -> bool {
     std::io::stdout().is_terminal() && !no_colour && !dumb
 }
 
+/// Dependencies capped at DEBUG when `RUST_LOG` enables TRACE for every target
+/// without naming them. notify logs each inotify event of the watched folders
+/// at TRACE, so a log file kept in the token file's folder would log its own
+/// writes without end. sled logs hundreds of lines of page cache work per
+/// second at TRACE.
+const TRACE_CAPPED_TARGETS: &[&str] = &["notify", "sled"];
+
+/// Builds the log filter from `RUST_LOG` (default `info`).
+fn log_filter(spec: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    let Some(spec) = spec else {
+        return EnvFilter::new("info");
+    };
+    let Ok(mut filter) = EnvFilter::try_new(spec) else {
+        return EnvFilter::new("info");
+    };
+    let global_trace = spec
+        .split(',')
+        .any(|directive| directive.trim().eq_ignore_ascii_case("trace"));
+    if global_trace {
+        for target in TRACE_CAPPED_TARGETS {
+            if !spec.contains(target) {
+                let directive = format!("{target}=debug")
+                    .parse()
+                    .expect("a target and a level form a valid directive");
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
+    filter
+}
+
 /// Sets up tracing: `RUST_LOG` filters (default `info`), text or JSON to stderr.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = std::env::var(tracing_subscriber::EnvFilter::DEFAULT_ENV).ok();
+    let filter = log_filter(spec.as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -355,6 +387,34 @@ async fn demo(keep: bool) -> i32 {
         Err(err) => {
             eprintln!("error: the demo failed: {err:#}");
             1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filter_caps_noisy_targets() {
+        let cases: &[(Option<&str>, &str)] = &[
+            (None, "info"),
+            (Some("not a [valid filter"), "info"),
+            (Some("debug"), "debug"),
+            (Some("outboxd=trace"), "outboxd=trace"),
+            (Some("trace"), "notify=debug,sled=debug,trace"),
+            (Some("TRACE,notify=trace"), "sled=debug,notify=trace,trace"),
+        ];
+        for (spec, expected) in cases {
+            let mut directives: Vec<String> = log_filter(*spec)
+                .to_string()
+                .split(',')
+                .map(str::to_string)
+                .collect();
+            directives.sort();
+            let mut wanted: Vec<String> = expected.split(',').map(str::to_string).collect();
+            wanted.sort();
+            assert_eq!(directives, wanted, "RUST_LOG={spec:?}");
         }
     }
 }
