@@ -12,7 +12,7 @@ use std::sync::Arc;
 use notify::{RecursiveMode, Watcher};
 
 use crate::config::{OnSuccess, Settings};
-use crate::intake::{move_no_replace, mtime_ns};
+use crate::intake::{escape_for_log, move_no_replace, mtime_ns};
 use crate::queue::Queue;
 use crate::store::{ItemState, Record};
 
@@ -34,11 +34,32 @@ pub fn prepare_dirs(settings: &Settings) -> Result<(), String> {
     ] {
         ensure_dir(what, path)?;
     }
+    restrict_state_dir(&settings.state_dir);
     ensure_dir("rejected folder", &settings.outbox.join("rejected"))?;
     if settings.on_success == OnSuccess::Move {
         ensure_dir("sent folder", &settings.outbox.join("sent"))?;
     }
     Ok(())
+}
+
+/// Sets an existing state dir to mode 0700, because it contains the control
+/// socket and the queue, which other users must not reach.
+fn restrict_state_dir(path: &Path) {
+    let Ok(metadata) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = metadata.mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    match set_mode(path, 0o700) {
+        Ok(()) => {
+            tracing::warn!(state_dir = %path.display(), old_mode = %format!("{mode:04o}"), "the state dir was open to other users; set its mode to 0700")
+        }
+        Err(err) => {
+            tracing::warn!(state_dir = %path.display(), error = %err, "the state dir is open to other users and its mode cannot be changed; run chmod 700 on it")
+        }
+    }
 }
 
 fn ensure_dir(what: &str, path: &Path) -> Result<(), String> {
@@ -165,7 +186,7 @@ pub fn finish_uploaded(settings: &Settings, record: &Record) -> bool {
     let path = settings.outbox.join(&record.file);
     if !unchanged(&path, record) {
         if path.symlink_metadata().is_ok() {
-            tracing::info!(id = record.id, file = %record.file, "the file changed after it was sent; the new content is queued");
+            tracing::info!(id = record.id, file = %escape_for_log(&record.file), "the file changed after it was sent; the new content is queued");
             return false;
         }
         return true;
@@ -180,7 +201,7 @@ pub fn finish_uploaded(settings: &Settings, record: &Record) -> bool {
         }
     };
     if let Err(err) = result {
-        tracing::error!(id = record.id, file = %record.file, error = %err, "the file was uploaded but cannot be removed from the outbox; remove it by hand");
+        tracing::error!(id = record.id, file = %escape_for_log(&record.file), error = %err, "the file was uploaded but cannot be removed from the outbox; remove it by hand");
     }
     true
 }
@@ -198,7 +219,7 @@ pub fn finish_interrupted(settings: &Settings, queue: &mut Queue) {
         .collect();
     for record in leftovers {
         if unchanged(&settings.outbox.join(&record.file), &record) {
-            tracing::info!(id = record.id, file = %record.file, "finishing an upload that a restart interrupted");
+            tracing::info!(id = record.id, file = %escape_for_log(&record.file), "finishing an upload that a restart interrupted");
             finish_uploaded(settings, &record);
         } else if let Err(err) = queue.remove(record.id) {
             tracing::warn!(id = record.id, error = %err, "dropping an old record failed");
@@ -240,11 +261,11 @@ pub fn requeue_rejected(outbox: &Path) -> usize {
                 let mut reason = name.clone();
                 reason.push(".reason");
                 let _ = std::fs::remove_file(folder.join(reason));
-                tracing::info!(file = %text, target = %target.display(), "a rejected file is back in the outbox");
+                tracing::info!(file = %escape_for_log(&text), target = %escape_for_log(&target.display().to_string()), "a rejected file is back in the outbox");
                 moved += 1;
             }
             Err(err) => {
-                tracing::error!(file = %text, error = %err, "moving a rejected file back failed")
+                tracing::error!(file = %escape_for_log(&text), error = %err, "moving a rejected file back failed")
             }
         }
     }
@@ -337,4 +358,49 @@ pub fn watch_token_and_config(
 /// Sets a file's mode, ignoring failure (used for the control socket).
 pub fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load, RawSettings};
+
+    #[test]
+    fn prepare_dirs_restricts_open_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir(&state_dir).unwrap();
+        set_mode(&state_dir, 0o755).unwrap();
+        let flags = RawSettings {
+            state_dir: Some(state_dir.clone()),
+            outbox: Some(dir.path().join("outbox")),
+            ..Default::default()
+        };
+        let settings = load(None, flags, |_| None).settings;
+
+        prepare_dirs(&settings).unwrap();
+
+        let mode = std::fs::metadata(&state_dir).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o700, "state dir mode {mode:04o}");
+        let outbox_mode = std::fs::metadata(dir.path().join("outbox")).unwrap().mode() & 0o777;
+        assert_eq!(outbox_mode, 0o700, "new outbox mode {outbox_mode:04o}");
+    }
+
+    #[test]
+    fn prepare_dirs_rejects_file_as_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = dir.path().join("outbox");
+        std::fs::write(&outbox, "not a folder").unwrap();
+        let flags = RawSettings {
+            state_dir: Some(dir.path().join("state")),
+            outbox: Some(outbox.clone()),
+            ..Default::default()
+        };
+        let settings = load(None, flags, |_| None).settings;
+
+        let error = prepare_dirs(&settings).unwrap_err();
+
+        assert!(error.contains(&outbox.display().to_string()), "{error}");
+        assert!(error.contains("not a folder"), "{error}");
+    }
 }

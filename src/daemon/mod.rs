@@ -17,7 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Loaded, RawSettings, Settings};
 use crate::control;
-use crate::intake::{self, IncludeMatcher, IntakeConfig, IntakeRequest, QueueSink};
+use crate::intake::{self, escape_for_log, IncludeMatcher, IntakeConfig, IntakeRequest, QueueSink};
 use crate::outcome::{HoldKind, Outcome};
 use crate::queue::{FileFacts, Queue};
 use crate::status::{self, StatusReport};
@@ -103,11 +103,11 @@ impl QueueSink for Shared {
         let result = self.core().queue.accept(facts);
         match result {
             Ok(id) => {
-                tracing::debug!(id, file = %file, size, "queued");
+                tracing::debug!(id, file = %escape_for_log(&file), size, "queued");
                 self.wake.notify_one();
             }
             Err(err) => {
-                tracing::error!(file = %file, error = %err, "recording a file in the queue failed; the file stays in the outbox and is tried at the next rescan")
+                tracing::error!(file = %escape_for_log(&file), error = %err, "recording a file in the queue failed; the file stays in the outbox and is tried at the next rescan")
             }
         }
     }
@@ -121,7 +121,7 @@ impl QueueSink for Shared {
             .map(|r| (r.id, r.file.clone()))
             .collect();
         for (id, file) in gone {
-            tracing::info!(id, file = %file, "the file left the outbox before it was uploaded; its record is dropped");
+            tracing::info!(id, file = %escape_for_log(&file), "the file left the outbox before it was uploaded; its record is dropped");
             if let Err(err) = core.queue.remove(id) {
                 tracing::error!(id, error = %err, "dropping a queue record failed");
             }
@@ -918,12 +918,12 @@ async fn complete(
                 core.last_logged_failure = None;
                 match core.queue.mark_uploaded(id) {
                     Ok(Some(done)) => {
-                        tracing::info!(id, file = %file, status, size = record.size, elapsed_ms = elapsed.as_millis() as u64, "uploaded");
+                        tracing::info!(id, file = %escape_for_log(&file), status, size = record.size, elapsed_ms = elapsed.as_millis() as u64, "uploaded");
                         flush_then_finish = Some((done, core.settings.clone()));
                     }
                     Ok(None) => {}
                     Err(err) => {
-                        tracing::error!(id, file = %file, error = %err, "recording the upload failed; the file is kept and will be sent again");
+                        tracing::error!(id, file = %escape_for_log(&file), error = %err, "recording the upload failed; the file is kept and will be sent again");
                         let _ = core.queue.requeue(id, false, None, Some(err.to_string()));
                     }
                 }
@@ -950,10 +950,10 @@ async fn complete(
                     .queue
                     .requeue(id, true, Some(next), Some(detail.clone()));
                 if core.last_logged_failure.as_deref() != Some(detail.as_str()) {
-                    tracing::warn!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed; retrying later");
+                    tracing::warn!(id, file = %escape_for_log(&file), attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed; retrying later");
                     core.last_logged_failure = Some(detail.clone());
                 } else {
-                    tracing::debug!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed again; retrying later");
+                    tracing::debug!(id, file = %escape_for_log(&file), attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed again; retrying later");
                 }
                 core.last_error = Some(format!("{file}: {detail}"));
                 if let Some(pause) = pause {
@@ -980,11 +980,11 @@ async fn complete(
                 let outbox = core.settings.outbox.clone();
                 match intake::reject(&outbox, std::ffi::OsStr::new(&file), &reason) {
                     Ok(target) => {
-                        tracing::warn!(id, file = %file, reason = %reason, rejected = %target.display(), "the server rejected the file; moved to rejected/");
+                        tracing::warn!(id, file = %escape_for_log(&file), reason = %reason, rejected = %escape_for_log(&target.display().to_string()), "the server rejected the file; moved to rejected/");
                         let _ = core.queue.remove(id);
                     }
                     Err(err) => {
-                        tracing::error!(id, file = %file, reason = %reason, error = %err, "the server rejected the file, and moving it to rejected/ failed; it stays queued");
+                        tracing::error!(id, file = %escape_for_log(&file), reason = %reason, error = %err, "the server rejected the file, and moving it to rejected/ failed; it stays queued");
                         let delay = core.item_schedule().delay(attempt_no);
                         let _ = core.queue.requeue(
                             id,
@@ -997,11 +997,11 @@ async fn complete(
                 core.last_error = Some(format!("{file}: {reason}"));
             }
             Attempt::Local(LocalFault::Vanished) => {
-                tracing::info!(id, file = %file, "the file left the outbox before it was uploaded; its record is dropped");
+                tracing::info!(id, file = %escape_for_log(&file), "the file left the outbox before it was uploaded; its record is dropped");
                 let _ = core.queue.remove(id);
             }
             Attempt::Local(LocalFault::Changed(why)) => {
-                tracing::info!(id, file = %file, reason = %why, "the file changed; it is hashed and sent again");
+                tracing::info!(id, file = %escape_for_log(&file), reason = %why, "the file changed; it is hashed and sent again");
                 let _ = core.queue.remove(id);
                 drop(core);
                 shared.examine(&file);
@@ -1009,7 +1009,7 @@ async fn complete(
             }
             Attempt::Local(LocalFault::Unreadable(why)) => {
                 let delay = core.item_schedule().delay(attempt_no);
-                tracing::warn!(id, file = %file, attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %why, "the file cannot be read; retrying later");
+                tracing::warn!(id, file = %escape_for_log(&file), attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %why, "the file cannot be read; retrying later");
                 let _ = core.queue.requeue(
                     id,
                     true,
@@ -1024,7 +1024,7 @@ async fn complete(
         // The uploaded mark must be on disk before the file goes, so that a
         // crash in between never makes the file look undelivered and lost.
         if let Err(err) = shared.store.flush().await {
-            tracing::error!(id, file = %file, error = %err, "flushing the queue failed; the file is kept");
+            tracing::error!(id, file = %escape_for_log(&file), error = %err, "flushing the queue failed; the file is kept");
             return;
         }
         if !files::finish_uploaded(&settings, &done) {
