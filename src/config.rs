@@ -205,7 +205,19 @@ impl RawSettings {
             };
             match value {
                 Some(value) => {
-                    table.insert(key.to_string(), value);
+                    // Each variable is checked alone, so that one bad value names
+                    // its variable and leaves the others in effect.
+                    let mut single = toml::Table::new();
+                    single.insert(key.to_string(), value.clone());
+                    match RawSettings::deserialize(toml::Value::Table(single)) {
+                        Ok(_) => {
+                            table.insert(key.to_string(), value);
+                        }
+                        Err(err) => problems.push(format!(
+                            "environment variable {name}={text:?} is invalid: {}",
+                            err.to_string().lines().next().unwrap_or_default()
+                        )),
+                    }
                 }
                 None => problems.push(format!(
                     "environment variable {name}={text:?} is invalid: expected {}",
@@ -358,6 +370,35 @@ fn read_file(path: &Path, explicit: bool, problems: &mut Vec<String>) -> RawSett
     }
 }
 
+/// Makes a configured path absolute: a leading `~/`, `$HOME/` or `${HOME}/` is
+/// replaced by the home folder, and a relative path is taken from the current
+/// folder. The daemon watches folders by absolute path, and a literal `~` is
+/// never what an operator meant.
+pub fn absolute_path(path: &Path, env: &impl Fn(&str) -> Option<String>) -> PathBuf {
+    let text = path.to_string_lossy();
+    let home = env("HOME").filter(|h| !h.is_empty());
+    let expanded = match home {
+        Some(home) if text == "~" || text == "$HOME" || text == "${HOME}" => PathBuf::from(home),
+        Some(home) => ["~/", "$HOME/", "${HOME}/"]
+            .iter()
+            .find_map(|prefix| text.strip_prefix(prefix))
+            .map(|rest| Path::new(&home).join(rest))
+            .unwrap_or_else(|| path.to_path_buf()),
+        None => path.to_path_buf(),
+    };
+    if expanded.is_absolute() {
+        return expanded;
+    }
+    match std::env::current_dir() {
+        Ok(current) => current.join(expanded),
+        Err(_) => expanded,
+    }
+}
+
+/// Form fields that the upload request sets itself, besides the configured
+/// names of the archive part and the session field.
+const RESERVED_FIELDS: &[&str] = &["sha256", "size"];
+
 fn resolve(
     raw: RawSettings,
     config_path: Option<PathBuf>,
@@ -410,6 +451,20 @@ fn resolve(
     if let Err(err) = crate::intake::IncludeMatcher::new(&include) {
         problems.push(format!("include = {include:?} is not a valid glob: {err}"));
     }
+    if let Some(fields) = &raw.fields {
+        let file_field = raw.file_field.as_deref().unwrap_or("file");
+        let session_field = raw.session_field.as_deref().unwrap_or("session_id");
+        for name in fields.keys() {
+            if RESERVED_FIELDS.contains(&name.as_str())
+                || name == file_field
+                || name == session_field
+            {
+                problems.push(format!(
+                    "fields.{name} is invalid: the upload request sets the field {name:?} itself; remove it from [fields]"
+                ));
+            }
+        }
+    }
     for (key, value) in [
         ("file_field", &raw.file_field),
         ("session_field", &raw.session_field),
@@ -424,17 +479,17 @@ fn resolve(
         }
     }
 
+    let path = |value: Option<PathBuf>| value.map(|p| absolute_path(&p, env));
     let settings = Settings {
         config_path,
-        outbox: raw.outbox.unwrap_or_else(|| {
+        outbox: path(raw.outbox).unwrap_or_else(|| {
             xdg_dir(env, "XDG_DATA_HOME", ".local/share").join("outboxd/outbox")
         }),
-        state_dir: raw
-            .state_dir
+        state_dir: path(raw.state_dir)
             .unwrap_or_else(|| xdg_dir(env, "XDG_STATE_HOME", ".local/state").join("outboxd")),
         server_url: raw.server_url.filter(|url| !url.trim().is_empty()),
         token: TokenConfig {
-            token_file: raw.token_file,
+            token_file: path(raw.token_file),
             token_env: raw.token_env.unwrap_or_else(|| "OUTBOXD_TOKEN".to_string()),
         },
         concurrency,
@@ -459,7 +514,7 @@ fn resolve(
             .session_field
             .unwrap_or_else(|| "session_id".to_string()),
         allow_insecure_http: raw.allow_insecure_http.unwrap_or(false),
-        ca_file: raw.ca_file,
+        ca_file: path(raw.ca_file),
         log_format,
     };
     if let Err(problem) = crate::upload::check_server_url(&settings) {
@@ -569,5 +624,71 @@ mod tests {
             .problems
             .iter()
             .any(|p| p.contains("/nonexistent/outboxd.toml")));
+    }
+
+    #[test]
+    fn paths_expand_home_and_become_absolute() {
+        let env = env_of(&[("HOME", "/home/u")]);
+        let cwd = std::env::current_dir().unwrap();
+        let cases: &[(&str, PathBuf)] = &[
+            ("~/outbox", PathBuf::from("/home/u/outbox")),
+            ("$HOME/state", PathBuf::from("/home/u/state")),
+            ("${HOME}/t", PathBuf::from("/home/u/t")),
+            ("~", PathBuf::from("/home/u")),
+            ("/abs/path", PathBuf::from("/abs/path")),
+            ("rel/dir", cwd.join("rel/dir")),
+            ("~user/x", cwd.join("~user/x")),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(&absolute_path(Path::new(input), &env), expected, "{input}");
+        }
+    }
+
+    #[test]
+    fn one_bad_env_value_keeps_others() {
+        let env = env_of(&[
+            ("HOME", "/h"),
+            ("OUTBOXD_SETTLE_MS", "-5"),
+            ("OUTBOXD_SERVER_URL", "http://127.0.0.1:9/upload"),
+        ]);
+        let loaded = load(None, RawSettings::default(), env);
+        assert_eq!(
+            loaded.settings.server_url.as_deref(),
+            Some("http://127.0.0.1:9/upload")
+        );
+        assert_eq!(loaded.problems.len(), 1, "{:?}", loaded.problems);
+        assert!(
+            loaded.problems[0].contains("OUTBOXD_SETTLE_MS"),
+            "{:?}",
+            loaded.problems
+        );
+    }
+
+    #[test]
+    fn reserved_field_names_are_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "server_url = \"http://127.0.0.1:1/\"\nsession_field = \"sid\"\n[fields]\nsid = \"x\"\nsha256 = \"y\"\ntenant = \"lab\"\n",
+        )
+        .unwrap();
+        let loaded = load(
+            Some(&file),
+            RawSettings::default(),
+            env_of(&[("HOME", "/h")]),
+        );
+        for name in ["fields.sid", "fields.sha256"] {
+            assert!(
+                loaded.problems.iter().any(|p| p.contains(name)),
+                "{name}: {:?}",
+                loaded.problems
+            );
+        }
+        assert!(
+            !loaded.problems.iter().any(|p| p.contains("tenant")),
+            "{:?}",
+            loaded.problems
+        );
     }
 }
