@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -134,18 +134,19 @@ pub async fn start(
         })?;
 
     let (request_tx, request_rx) = mpsc::unbounded_channel();
+    let watched = folder_identity(&config.outbox);
     let mut intake = Intake {
         config,
         sink,
         candidates: HashMap::new(),
         reported: HashSet::new(),
         ready: Vec::new(),
+        watcher,
+        watched,
     };
     intake.rescan(true).await;
     intake.process_due().await;
     let handle = tokio::spawn(async move {
-        // The watcher stops when dropped, so the task owns it.
-        let _watcher = watcher;
         intake.run(event_rx, request_rx).await;
     });
     Ok((request_tx, handle))
@@ -159,6 +160,10 @@ struct Intake {
     reported: HashSet<OsString>,
     /// Candidates to look at now, in event order.
     ready: Vec<OsString>,
+    /// The outbox watcher; it stops when dropped, so intake owns it.
+    watcher: notify::RecommendedWatcher,
+    /// Device and inode of the watched outbox, to notice it being replaced.
+    watched: Option<(u64, u64)>,
 }
 
 impl Intake {
@@ -229,6 +234,16 @@ impl Intake {
             _ => event.paths,
         };
         for path in paths {
+            if path == self.config.outbox {
+                // The outbox itself was deleted or moved away: the rescan
+                // creates and watches it again.
+                if event.kind.is_remove()
+                    || matches!(event.kind, EventKind::Modify(ModifyKind::Name(_)))
+                {
+                    self.schedule_rescan();
+                }
+                continue;
+            }
             if path.parent() != Some(self.config.outbox.as_path()) {
                 continue;
             }
@@ -282,6 +297,7 @@ impl Intake {
     /// with the same size, mtime and inode. With `forget`, records whose file is
     /// gone are dropped.
     async fn rescan(&mut self, forget: bool) {
+        self.rewatch_if_replaced();
         let outbox = self.config.outbox.clone();
         let sink = self.sink.clone();
         let listing =
@@ -308,6 +324,36 @@ impl Intake {
                 closed: false,
                 due: now,
             });
+        }
+    }
+
+    /// Recreates and watches the outbox again when it was deleted or replaced,
+    /// because inotify watches the folder's inode, not its path.
+    fn rewatch_if_replaced(&mut self) {
+        let outbox = self.config.outbox.clone();
+        let current = folder_identity(&outbox);
+        if current.is_some() && current == self.watched {
+            return;
+        }
+        if current.is_none() {
+            if let Err(err) = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&outbox)
+            {
+                tracing::error!(outbox = %outbox.display(), error = %err, "the outbox was deleted and cannot be created again; producers cannot drop files");
+                return;
+            }
+        }
+        let _ = self.watcher.unwatch(&outbox);
+        match self.watcher.watch(&outbox, RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                tracing::warn!(outbox = %outbox.display(), "the outbox was deleted or replaced; watching the new folder");
+                self.watched = folder_identity(&outbox);
+            }
+            Err(err) => {
+                tracing::error!(outbox = %outbox.display(), error = %err, "watching the outbox again failed; files are found by the periodic rescan")
+            }
         }
     }
 
@@ -384,7 +430,7 @@ impl Intake {
                     match reject(&self.config.outbox, &name, &reason) {
                         Ok(target) => {
                             let rejected = log_name(target.as_os_str());
-                            tracing::warn!(file = %shown, reason = %reason, rejected = %rejected, "rejected a file that is not a complete zip archive")
+                            tracing::warn!(file = %shown, reason = %reason, rejected = %rejected, "rejected a file; see the reason beside it in rejected/")
                         }
                         Err(err) => {
                             tracing::error!(file = %shown, reason = %reason, error = %err, "moving a broken file to rejected/ failed; it stays in the outbox")
@@ -461,6 +507,13 @@ pub fn mtime_ns(metadata: &std::fs::Metadata) -> i128 {
 }
 
 /// Lists the outbox: names not queued as they are now, and the UTF-8 names present.
+fn folder_identity(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
 fn list_outbox(
     outbox: &Path,
     sink: &dyn QueueSink,
@@ -660,8 +713,19 @@ pub fn reject(outbox: &Path, name: &OsStr, reason: &str) -> std::io::Result<Path
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    std::fs::write(&temp, format!("{line}\n"))?;
-    std::fs::rename(&temp, &reason_path)?;
+    // The file is already in rejected/, so a reason that cannot be written (a
+    // name at the filesystem's length limit, a full disk) is logged, not returned.
+    let written = std::fs::write(&temp, format!("{line}\n"))
+        .and_then(|()| std::fs::rename(&temp, &reason_path));
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temp);
+        tracing::error!(
+            file = %log_name(target.file_name().unwrap_or(name)),
+            reason = %reason,
+            error = %err,
+            "writing the .reason file beside a rejected file failed; the reason is only in this log"
+        );
+    }
     Ok(target)
 }
 

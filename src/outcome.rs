@@ -80,9 +80,16 @@ pub fn classify_response(
                 location.map(|l| format!(" to {l}")).unwrap_or_default()
             ),
         },
-        404 | 405 | 407 => Outcome::Hold {
+        404 | 405 => Outcome::Hold {
             kind: HoldKind::ConfigError,
             detail: format!("the server has no upload endpoint at server_url ({line}); fix server_url"),
+        },
+        407 => Outcome::Hold {
+            kind: HoldKind::ConfigError,
+            detail: format!(
+                "a proxy between this machine and server_url requires authentication ({line}); \
+                 configure the proxy (HTTPS_PROXY, NO_PROXY) or reach server_url without it"
+            ),
         },
         408 | 425 | 429 | 500 | 502 | 503 | 504 => {
             let pause = if matches!(status, 429 | 503) {

@@ -218,7 +218,7 @@ fn read_file_source(path: &Path, source: TokenSource) -> TokenLookup {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             return TokenLookup::Missing(format!(
                 "{source} does not exist; create it with the upload token (mode 0600), \
-                 the daemon starts as soon as it appears"
+                 uploads start within seconds of it appearing"
             ));
         }
         Err(err) => return unreadable(err),

@@ -1234,3 +1234,48 @@ fn sigterm_exits_zero_keeping_upload() {
         "statuses for long.zip before and after the restart"
     );
 }
+
+#[test]
+fn second_daemon_on_same_outbox_exits() {
+    let server = FaultServer::start();
+    let daemon = start_daemon(&server, &[]);
+    let home = daemon.home();
+    let other_state = home.path.join("other-state");
+
+    // Another state dir, the same outbox: without a lock on the outbox both
+    // daemons would upload every file.
+    let output = home
+        .command("run")
+        .arg("--outbox")
+        .arg(&home.outbox)
+        .arg("--state-dir")
+        .arg(&other_state)
+        .arg("--token-file")
+        .arg(&home.token_file)
+        .arg("--server-url")
+        .arg(server.url())
+        .output()
+        .expect("running a second daemon");
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "second daemon stderr:\n{stderr}"
+    );
+    let outbox = home.outbox.display().to_string();
+    assert!(
+        stderr.contains(&outbox),
+        "stderr does not name the outbox {outbox}:\n{stderr}"
+    );
+    assert!(
+        contains_number(&stderr, daemon.pid()),
+        "stderr does not name the first daemon's pid {}:\n{stderr}",
+        daemon.pid()
+    );
+    let leftover: Vec<String> = home.outbox_files();
+    assert!(
+        leftover.is_empty(),
+        "the lock left files in the outbox: {leftover:?}"
+    );
+}

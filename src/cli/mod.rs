@@ -328,8 +328,9 @@ async fn run(config_flag: Option<PathBuf>, flags: RawSettings) -> i32 {
     match crate::daemon::run(launch, loaded).await {
         Ok(()) => 0,
         Err(err) => {
+            // The message goes to stderr once, as a log line, so that it reaches
+            // the journal under systemd in the same format as the other lines.
             tracing::error!("{}", err.message);
-            eprintln!("error: {}", err.message);
             err.code
         }
     }

@@ -1,7 +1,6 @@
 //! Reading the daemon's state for `status` and `list`: through the control
 //! socket when the daemon runs, or from the state dir when it does not.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::config::Settings;
@@ -112,36 +111,7 @@ fn offline_report(settings: &Settings) -> StatusReport {
 /// /proc/locks. Taking the lock to test it, even for a moment, could make a
 /// daemon that starts at that moment exit, so it is never taken.
 pub fn lock_holder(state_dir: &Path) -> Option<u32> {
-    let metadata = std::fs::metadata(state_dir.join("lock")).ok()?;
-    let device = format!(
-        "{:02x}:{:02x}",
-        libc::major(metadata.dev()),
-        libc::minor(metadata.dev())
-    );
-    let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    // Lines look like "1: FLOCK  ADVISORY  WRITE 27800 fe:00:10068041 0 EOF".
-    // Lines with "->" are processes waiting for a lock, not holding it.
-    let holders: Vec<(u32, &str, u64)> = locks
-        .lines()
-        .filter(|line| !line.contains("->"))
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 6 || fields[1] != "FLOCK" {
-                return None;
-            }
-            let (file_device, inode) = fields[5].rsplit_once(':')?;
-            Some((fields[4].parse().ok()?, file_device, inode.parse().ok()?))
-        })
-        .collect();
-    let same_inode = |&&(_, _, inode): &&(u32, &str, u64)| inode == metadata.ino();
-    // Some filesystems (btrfs subvolumes) report another device number in
-    // stat than in /proc/locks, so an inode match alone is the fallback.
-    holders
-        .iter()
-        .filter(same_inode)
-        .find(|(_, file_device, _)| *file_device == device)
-        .or_else(|| holders.iter().find(same_inode))
-        .map(|&(pid, _, _)| pid)
+    crate::daemon::flock_holder(&state_dir.join("lock"))
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use notify::{RecursiveMode, Watcher};
@@ -108,14 +109,36 @@ pub struct StateLock {
 }
 
 impl StateLock {
+    /// Locks the state dir (`state_dir/lock`).
     pub fn acquire(state_dir: &Path) -> Result<StateLock, String> {
-        let path = state_dir.join("lock");
+        StateLock::lock_file(&state_dir.join("lock"), state_dir)
+    }
+
+    /// Locks the outbox folder itself, because two daemons on one outbox with
+    /// different state dirs would upload every file twice. Locking the folder
+    /// leaves no lock file among the archives.
+    pub fn acquire_outbox(outbox: &Path) -> Result<StateLock, String> {
+        let file = std::fs::File::open(outbox)
+            .map_err(|err| format!("the outbox {} cannot be opened: {err}", outbox.display()))?;
+        // SAFETY: flock on an open descriptor has no memory-safety preconditions.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let pid = flock_holder(outbox).map_or("unknown".to_string(), |pid| pid.to_string());
+            return Err(format!(
+                "another outboxd (pid {pid}) is already running on the outbox {}; stop it first, or give this one another --outbox",
+                outbox.display()
+            ));
+        }
+        Ok(StateLock { _file: file })
+    }
+
+    fn lock_file(path: &Path, state_dir: &Path) -> Result<StateLock, String> {
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
+            .open(path)
             .map_err(|err| format!("the lock file {} cannot be opened: {err}", path.display()))?;
         // `status` and `list` take a shared lock for a few milliseconds while they
         // read the queue of a stopped daemon, so a held lock is retried briefly
@@ -131,13 +154,9 @@ impl StateLock {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 continue;
             }
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            let pid = std::fs::read_to_string(path).unwrap_or_default();
             let pid = pid.trim();
-            let pid = if pid.is_empty() {
-                "unknown".to_string()
-            } else {
-                pid.to_string()
-            };
+            let pid = if pid.is_empty() { "unknown" } else { pid };
             return Err(format!(
                 "another outboxd (pid {pid}) is already running on the state dir {}; stop it first, or give this one another --state-dir",
                 state_dir.display()
@@ -149,6 +168,41 @@ impl StateLock {
             .map_err(|err| format!("writing the lock file {} failed: {err}", path.display()))?;
         Ok(StateLock { _file: file })
     }
+}
+
+/// Returns the pid that holds a `flock` on `path` (a file or a folder), read
+/// from /proc/locks.
+pub fn flock_holder(path: &Path) -> Option<u32> {
+    let metadata = std::fs::metadata(path).ok()?;
+    let device = format!(
+        "{:02x}:{:02x}",
+        libc::major(metadata.dev()),
+        libc::minor(metadata.dev())
+    );
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // Lines look like "1: FLOCK  ADVISORY  WRITE 27800 fe:00:10068041 0 EOF".
+    // Lines with "->" are processes waiting for a lock, not holding it.
+    let holders: Vec<(u32, &str, u64)> = locks
+        .lines()
+        .filter(|line| !line.contains("->"))
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 6 || fields[1] != "FLOCK" {
+                return None;
+            }
+            let (file_device, inode) = fields[5].rsplit_once(':')?;
+            Some((fields[4].parse().ok()?, file_device, inode.parse().ok()?))
+        })
+        .collect();
+    let same_inode = |&&(_, _, inode): &&(u32, &str, u64)| inode == metadata.ino();
+    // Some filesystems (btrfs subvolumes) report another device number in
+    // stat than in /proc/locks, so an inode match alone is the fallback.
+    holders
+        .iter()
+        .filter(same_inode)
+        .find(|(_, file_device, _)| *file_device == device)
+        .or_else(|| holders.iter().find(same_inode))
+        .map(|&(pid, _, _)| pid)
 }
 
 /// A shared lock on `state_dir/lock`, held by `status` and `list` while they
@@ -291,68 +345,123 @@ pub fn low_space_warning(outbox: &Path) -> Option<String> {
 }
 
 /// Watches the folders of the token file and the config file, so that in-place
-/// writes, atomic renames and symlink swaps of either are all seen.
+/// writes, atomic renames and symlink swaps of either are all seen. When a path
+/// is a symbolic link, the folder of its target is watched too, so that an edit
+/// of the target elsewhere is seen.
 pub fn watch_token_and_config(
     settings: &Settings,
     shared: Arc<super::Shared>,
 ) -> Option<notify::RecommendedWatcher> {
-    let token_file = settings.token.token_file.clone();
-    let config_file = settings.config_path.clone();
-    let handle = tokio::runtime::Handle::current();
+    let mut targets: Vec<WatchTarget> = Vec::new();
+    if let Some(token_file) = &settings.token.token_file {
+        // Any change in the token's folder leads to a fresh read: the read is
+        // cheap, and swaps such as Kubernetes' `..data` rename another entry.
+        for path in path_and_target(token_file) {
+            targets.push(WatchTarget {
+                folder: parent_of(&path),
+                name: None,
+                config: false,
+            });
+        }
+    }
     // A config folder that does not exist has no file to watch; a config file
     // created there later is read on SIGHUP.
-    let config_file = config_file.filter(|p| p.parent().is_some_and(Path::is_dir));
-    let names: Vec<(PathBuf, bool)> = [
-        token_file.map(|p| (p, false)),
-        config_file.map(|p| (p, true)),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if names.is_empty() {
+    if let Some(config_file) = settings
+        .config_path
+        .as_ref()
+        .filter(|p| parent_of(p).is_dir())
+    {
+        for path in path_and_target(config_file) {
+            let name = path.file_name().map(|n| n.to_os_string());
+            targets.push(WatchTarget {
+                folder: parent_of(&path),
+                name,
+                config: true,
+            });
+        }
+    }
+    if targets.is_empty() {
         return None;
     }
-    let watched = names.clone();
+
+    let handle = tokio::runtime::Handle::current();
+    let scheduled = [
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    ];
+    let watched = targets.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        if event.kind.is_access()
-            && !matches!(
-                event.kind,
-                notify::EventKind::Access(notify::event::AccessKind::Close(
-                    notify::event::AccessMode::Write
-                ))
-            )
-        {
+        let is_write_close = matches!(
+            event.kind,
+            notify::EventKind::Access(notify::event::AccessKind::Close(
+                notify::event::AccessMode::Write
+            ))
+        );
+        if event.kind.is_access() && !is_write_close {
             return;
         }
-        for (path, is_config) in &watched {
-            let hit = event
-                .paths
-                .iter()
-                .any(|p| p.file_name() == path.file_name() && p.parent() == path.parent());
-            if hit {
-                let shared = shared.clone();
-                let is_config = *is_config;
-                handle.spawn(async move {
-                    // A writer that truncates and rewrites in place produces several
-                    // events. Reading at the first one could see an empty file.
-                    tokio::time::sleep(WATCH_SETTLE).await;
-                    super::on_watched_change(&shared, is_config)
-                });
+        for config in [false, true] {
+            let hit = watched.iter().filter(|t| t.config == config).any(|target| {
+                event.paths.iter().any(|p| {
+                    p.parent() == Some(target.folder.as_path())
+                        && target
+                            .name
+                            .as_deref()
+                            .is_none_or(|name| p.file_name() == Some(name))
+                })
+            });
+            let flag = scheduled[usize::from(config)].clone();
+            // One read per burst of events: a read is already on its way.
+            if !hit || flag.swap(true, Ordering::SeqCst) {
+                continue;
             }
+            let shared = shared.clone();
+            handle.spawn(async move {
+                // A writer that truncates and rewrites in place produces several
+                // events. Reading at the first one could see an empty file.
+                tokio::time::sleep(WATCH_SETTLE).await;
+                flag.store(false, Ordering::SeqCst);
+                super::on_watched_change(&shared, config)
+            });
         }
     })
     .ok()?;
-    for (path, _) in &names {
-        let folder = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+    let mut folders: Vec<&Path> = targets.iter().map(|t| t.folder.as_path()).collect();
+    folders.sort();
+    folders.dedup();
+    for folder in folders {
         if let Err(err) = watcher.watch(folder, RecursiveMode::NonRecursive) {
-            tracing::warn!(folder = %folder.display(), error = %err, "watching for token or config changes failed; changes are picked up on SIGHUP and at each probe");
+            tracing::warn!(folder = %folder.display(), error = %err, "watching for token or config changes failed; changes are picked up on SIGHUP and at each periodic check");
         }
     }
     Some(watcher)
+}
+
+/// A folder to watch, and the entry name that matters in it (`None`: any).
+#[derive(Clone)]
+struct WatchTarget {
+    folder: PathBuf,
+    name: Option<std::ffi::OsString>,
+    config: bool,
+}
+
+fn parent_of(path: &Path) -> PathBuf {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf()
+}
+
+/// Returns the path, and its resolved target when that differs (a symbolic link).
+fn path_and_target(path: &Path) -> Vec<PathBuf> {
+    let mut paths = vec![path.to_path_buf()];
+    if let Ok(target) = std::fs::canonicalize(path) {
+        if parent_of(&target) != parent_of(path) {
+            paths.push(target);
+        }
+    }
+    paths
 }
 
 /// Sets a file's mode, ignoring failure (used for the control socket).

@@ -26,7 +26,7 @@ use crate::timefmt::{now_ms, rfc3339};
 use crate::token;
 use crate::upload::{Attempt, LocalFault, UploadJob, Uploader};
 
-pub use files::{count_rejected, prepare_dirs, ReaderLock, StateLock};
+pub use files::{count_rejected, flock_holder, prepare_dirs, ReaderLock, StateLock};
 pub use state::{Auth, Reach};
 use state::{AuthState, Core, DestinationState, HoldOrigin, InFlight, TokenState};
 
@@ -152,6 +152,8 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     let settings = Arc::new(settings);
     let lock = StateLock::acquire(&settings.state_dir)
         .map_err(|message| StartError { code: 1, message })?;
+    let outbox_lock = StateLock::acquire_outbox(&settings.outbox)
+        .map_err(|message| StartError { code: 1, message })?;
 
     let store = Store::open(&settings.state_dir).map_err(|err| StartError {
         code: 1,
@@ -275,6 +277,7 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     control_task.abort();
     intake_task.abort();
     control::remove_socket(&settings.state_dir);
+    drop(outbox_lock);
     drop(lock);
     tracing::info!("outboxd stopped");
     Ok(())
@@ -765,8 +768,7 @@ fn plan(core: &mut Core) -> (Vec<Job>, Option<u64>) {
                 if next_probe.is_some_and(|at| at <= now) {
                     refresh_token(core, false);
                     if let Auth::Held(_) = core.auth.auth {
-                        core.auth.next_probe_at =
-                            Some(now + core.settings.auth_probe.as_millis() as u64);
+                        core.auth.next_probe_at = Some(now + core.token_check_interval());
                         return (jobs, core.auth.next_probe_at);
                     }
                 } else {
@@ -817,6 +819,24 @@ fn plan(core: &mut Core) -> (Vec<Job>, Option<u64>) {
             }
             None => break,
         }
+    }
+    // With an empty queue, an unreachable or throttled destination is checked
+    // with a bare probe request, so that status does not report an outage long
+    // after the server came back.
+    let destination_waits = matches!(
+        core.destination.reach,
+        Reach::Unreachable | Reach::Throttled
+    );
+    if destination_waits && running == 0 && core.queue.pending_len() == 0 {
+        core.bare_probe_in_flight = true;
+        core.destination.next_attempt_at = Some(
+            now + core
+                .destination_schedule()
+                .delay(core.destination.failures.max(1))
+                .as_millis() as u64,
+        );
+        jobs.push(Job::BareProbe);
+        return (jobs, core.destination.next_attempt_at);
     }
     let next = if running >= limit {
         None
@@ -870,7 +890,9 @@ fn complete_bare_probe(shared: &Shared, outcome: Outcome) {
     core.bare_probe_in_flight = false;
     match outcome {
         Outcome::Uploaded { .. } => {
-            core.set_unknown("the probe request was accepted");
+            if matches!(core.auth.auth, Auth::Held(_)) {
+                core.set_unknown("the probe request was accepted");
+            }
             core.note_reached();
         }
         Outcome::Hold { kind, detail } => {
@@ -882,7 +904,7 @@ fn complete_bare_probe(shared: &Shared, outcome: Outcome) {
             shorten_probe(&mut core);
         }
         Outcome::Transient { detail, .. } | Outcome::Rejected { reason: detail } => {
-            tracing::debug!(error = %detail, "the probe response was inconclusive; still on hold");
+            tracing::debug!(error = %detail, "the probe response was inconclusive");
             core.note_reached();
         }
     }

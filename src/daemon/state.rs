@@ -14,6 +14,9 @@ use crate::timefmt::now_ms;
 use crate::token::{Token, TokenLookup};
 use crate::upload::Uploader;
 
+/// Longest interval between reads of a missing or invalid token source.
+const TOKEN_CHECK_MS: u64 = 5000;
+
 /// Auth state, as `auth.state` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Auth {
@@ -149,6 +152,13 @@ pub struct Core {
 }
 
 impl Core {
+    /// Milliseconds between reads of the token source while it is missing or
+    /// invalid. A read sends nothing, so it runs more often than a server probe;
+    /// the watcher usually notices a fix first.
+    pub fn token_check_interval(&self) -> u64 {
+        (self.settings.auth_probe.as_millis() as u64).min(TOKEN_CHECK_MS)
+    }
+
     pub fn item_schedule(&self) -> Schedule {
         Schedule {
             initial: self.settings.backoff_initial,
@@ -213,9 +223,8 @@ impl Core {
             self.auth.auth != Auth::Held(kind) || self.auth.detail.as_deref() != Some(&detail);
         let next_probe_at = match origin {
             HoldOrigin::Settings => None,
-            HoldOrigin::TokenSource | HoldOrigin::Server => {
-                Some(now + self.settings.auth_probe.as_millis() as u64)
-            }
+            HoldOrigin::TokenSource => Some(now + self.token_check_interval()),
+            HoldOrigin::Server => Some(now + self.settings.auth_probe.as_millis() as u64),
         };
         if changed {
             tracing::error!(state = kind.as_str(), "uploads are on hold: {detail}");
