@@ -309,8 +309,13 @@ impl Intake {
         if self.candidates.remove(&OsString::new()).is_some() {
             self.rescan(true).await;
         }
+        // A rename into the outbox arrives as several events (notify sends
+        // the rename's destination alone and again paired with its source),
+        // so a name can be ready twice; each file is examined, and hashed,
+        // once.
+        let mut seen: HashSet<OsString> = HashSet::new();
         let mut names: Vec<OsString> = std::mem::take(&mut self.ready);
-        let mut seen: HashSet<OsString> = names.iter().cloned().collect();
+        names.retain(|name| seen.insert(name.clone()));
         for (name, candidate) in &self.candidates {
             if candidate.due <= now && seen.insert(name.clone()) {
                 names.push(name.clone());
