@@ -281,6 +281,9 @@ struct Shared {
     drain_closes: AtomicUsize,
     down_cuts: AtomicUsize,
     flaps: AtomicUsize,
+    /// Wait after each chunk of every file part, in microseconds, on top of
+    /// the reply's own `read_delay`. Tests change it while a body streams.
+    read_delay_us: AtomicU64,
     /// File parts being received: request seq to (file name, bytes so far).
     receiving: Mutex<HashMap<usize, (String, u64)>>,
 }
@@ -417,9 +420,7 @@ impl FaultServer {
             .build()
             .expect("building the fault server's tokio runtime failed");
         let backend_listener = runtime.block_on(async {
-            TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("binding the fault server's backend on 127.0.0.1:0 failed")
+            bind_loopback(0).expect("binding the fault server's backend on 127.0.0.1:0 failed")
         });
         let backend_addr = backend_listener.local_addr().expect("backend address");
         let shared = Arc::new(Shared {
@@ -444,6 +445,7 @@ impl FaultServer {
             drain_closes: AtomicUsize::new(0),
             down_cuts: AtomicUsize::new(0),
             flaps: AtomicUsize::new(0),
+            read_delay_us: AtomicU64::new(0),
             receiving: Mutex::new(HashMap::new()),
         });
 
@@ -535,6 +537,14 @@ impl FaultServer {
     pub fn set_idle_timeout(&self, timeout: Option<Duration>) {
         let ms = timeout.map_or(0, |t| t.as_millis().max(1) as u64);
         self.shared.idle_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Waits `per_chunk` after each chunk of every file part, including the
+    /// parts being read now, which makes every upload slow until it is set
+    /// back to zero.
+    pub fn set_read_delay(&self, per_chunk: Duration) {
+        let us = per_chunk.as_micros() as u64;
+        self.shared.read_delay_us.store(us, Ordering::SeqCst);
     }
 
     /// Connections closed by the idle timeout so far.
@@ -720,11 +730,24 @@ impl Drop for FaultServer {
 /// Lines of the request summary printed when a test fails.
 const SUMMARY_TAIL_LINES: usize = 300;
 
+/// Receive buffer of the server's sockets. A fixed size turns off the
+/// kernel's autotuning, which can grow a buffer on loopback to tens of
+/// megabytes; then a slow reader would not slow the client down until the
+/// client had sent a whole large archive.
+const RECEIVE_BUFFER_BYTES: u32 = 128 * 1024;
+
 /// Binds 127.0.0.1:`port` with SO_REUSEADDR, so that a restart can take the
 /// same port while the connections of the previous listener are in TIME_WAIT.
 fn bind_front(port: u16) -> io::Result<TcpListener> {
+    bind_loopback(port)
+}
+
+/// Binds 127.0.0.1:`port` with a fixed receive buffer, which accepted
+/// sockets inherit.
+fn bind_loopback(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES)?;
     socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
     socket.listen(1024)
 }
@@ -1125,8 +1148,10 @@ async fn read_body(
                     if close_mid_body {
                         break None;
                     }
-                    if !read_delay.is_zero() {
-                        tokio::time::sleep(read_delay).await;
+                    let global_us = shared.read_delay_us.load(Ordering::SeqCst);
+                    let delay = read_delay + Duration::from_micros(global_us);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
                     }
                 }
                 Ok(None) => break None,

@@ -95,6 +95,16 @@ pub fn archive(tag: &str, size: usize) -> Vec<u8> {
     outboxd::zipfile::stored_archive(&format!("{tag}.json"), &data)
 }
 
+/// Builds a stored zip archive of `size` bytes of content quickly, for
+/// archives of many megabytes: the content repeats one 32-byte block that
+/// depends on `tag`, so archives with different tags still differ.
+pub fn large_archive(tag: &str, size: usize) -> Vec<u8> {
+    let block = Sha256::digest(tag.as_bytes());
+    let mut data = block.as_slice().repeat(size / block.len() + 1);
+    data.truncate(size);
+    outboxd::zipfile::stored_archive(&format!("{tag}.json"), &data)
+}
+
 /// Builds the arguments of `run` after the folder and token flags: the
 /// server URL, `FAST_TIMINGS`, then `extra`, which may override them.
 pub fn run_args(server_url: &str, extra: &[&str]) -> Vec<String> {
@@ -166,6 +176,15 @@ impl Home {
         file.sync_all()
             .expect("syncing the temporary archive failed");
         drop(file);
+        fs::rename(&temp, self.outbox.join(name))
+            .expect("renaming the archive into the outbox failed");
+    }
+
+    /// Places an archive like `drop_zip`, without syncing it to disk first,
+    /// for large archives and bursts where the sync is only a cost.
+    pub fn drop_zip_unsynced(&self, name: &str, bytes: &[u8]) {
+        let temp = self.outbox.join(format!(".{name}.tmp"));
+        fs::write(&temp, bytes).expect("writing the temporary archive failed");
         fs::rename(&temp, self.outbox.join(name))
             .expect("renaming the archive into the outbox failed");
     }
