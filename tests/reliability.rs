@@ -9,10 +9,13 @@
 
 mod common;
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
-use common::fault_server::FaultServer;
-use common::{archive, run_args, sha256_hex, wait_until, wait_until_every, Daemon, Home};
+use common::fault_server::{FaultServer, Reply};
+use common::{
+    archive, large_archive, run_args, sha256_hex, wait_until, wait_until_every, Daemon, Home,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -30,7 +33,16 @@ struct Archive {
 
 impl Archive {
     fn new(name: &str, size: usize) -> Archive {
-        let bytes = archive(name, size);
+        Archive::from_bytes(name, archive(name, size))
+    }
+
+    /// Builds an archive of many megabytes quickly (see `large_archive`).
+    /// `tag` sets the content, so that one name can get several versions.
+    fn large(name: &str, tag: &str, size: usize) -> Archive {
+        Archive::from_bytes(name, large_archive(tag, size))
+    }
+
+    fn from_bytes(name: &str, bytes: Vec<u8>) -> Archive {
         let sha256 = sha256_hex(&bytes);
         Archive {
             name: name.to_string(),
@@ -184,4 +196,258 @@ fn keepalive_idle_close_loses_nothing() {
         .filter(|(_, count)| *count > 1)
         .collect();
     eprintln!("keep-alive: {} archives accepted twice", duplicates.len());
+}
+
+/// Uploads in flight at once in the crash test; a kill may cause at most this
+/// many duplicate deliveries.
+const CRASH_CONCURRENCY: usize = 2;
+
+/// For each accepted delivery that repeats an earlier one of the same
+/// content, finds the first kill between the start of the earlier delivery
+/// and the start of the repeat. Returns the repeats per kill index, and the
+/// repeats that no kill explains.
+fn attribute_duplicates(
+    server: &FaultServer,
+    kills: &[Instant],
+) -> (Vec<Vec<String>>, Vec<String>) {
+    let mut by_sha: HashMap<String, Vec<(Instant, String)>> = HashMap::new();
+    for request in server.requests().iter().filter(|r| r.is_accepted()) {
+        let part = request.file().expect("accepted requests have a file part");
+        by_sha
+            .entry(part.sha256.clone())
+            .or_default()
+            .push((request.started_at, request.to_string()));
+    }
+    let mut per_kill = vec![Vec::new(); kills.len()];
+    let mut unexplained = Vec::new();
+    for deliveries in by_sha.values_mut() {
+        deliveries.sort_by_key(|(started, _)| *started);
+        for pair in deliveries.windows(2) {
+            let (earlier, _) = &pair[0];
+            let (later, line) = &pair[1];
+            match kills.iter().position(|k| k > earlier && k < later) {
+                Some(index) => per_kill[index].push(line.clone()),
+                None => unexplained.push(line.clone()),
+            }
+        }
+    }
+    (per_kill, unexplained)
+}
+
+#[test]
+fn kill9_loop_loses_nothing() {
+    const KILLS: usize = 50;
+    const ARCHIVES: usize = 300;
+    let mut rng = seeded_rng("kill9_loop_loses_nothing");
+    let mut server = FaultServer::start();
+    // Each response waits, so that most kills find uploads in flight.
+    server.set_default(Reply::created().with_delay(Duration::from_millis(40)));
+    let files = archives("crash", ARCHIVES, 6 * 1024);
+    for file in &files {
+        let reply = match rng.gen_range(0..100) {
+            0..=14 => Reply::status(500),
+            15..=24 => Reply::close_mid_body(),
+            25..=39 => Reply::created().with_delay(Duration::from_millis(rng.gen_range(100..300))),
+            _ => continue,
+        };
+        server.push_for_file(&file.name, [reply]);
+    }
+    server.start_flapping(Duration::from_millis(1500), Duration::from_millis(300));
+    let concurrency = CRASH_CONCURRENCY.to_string();
+    let mut daemon = Daemon::start(&run_args(&server.url(), &["--concurrency", &concurrency]));
+
+    let per_round = ARCHIVES.div_ceil(KILLS);
+    let mut kills = Vec::with_capacity(KILLS);
+    let mut during_start = 0;
+    for round in 0..KILLS {
+        for file in files.iter().skip(round * per_round).take(per_round) {
+            daemon.home().drop_zip(&file.name, &file.bytes);
+        }
+        let pause = Duration::from_millis(rng.gen_range(0..400));
+        std::thread::sleep(pause);
+        kills.push(Instant::now());
+        daemon.kill9();
+        // One start in five is killed again before it is ready, at any
+        // point of loading the queue and scanning the outbox.
+        if rng.gen_range(0..5) == 0 {
+            during_start += 1;
+            daemon.spawn();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
+            kills.push(Instant::now());
+            daemon.kill9();
+        }
+        daemon.restart();
+    }
+    server.stop_flapping();
+
+    assert_all_delivered(daemon.home(), &server, &files);
+    assert_eq!(
+        daemon.home().rejected_files(),
+        Vec::<String>::new(),
+        "rejected files"
+    );
+    assert_no_mismatched_hash(&server);
+    let (per_kill, unexplained) = attribute_duplicates(&server, &kills);
+    let duplicates: usize = per_kill.iter().map(Vec::len).sum();
+    eprintln!(
+        "kill -9 loop: {} kills ({during_start} during start-up), {} requests, {} accepted, {duplicates} duplicates, {} flaps, {} requests cut while down",
+        kills.len(),
+        server.request_count(),
+        server.accepted_count(),
+        server.flaps(),
+        server.down_cuts(),
+    );
+    assert_eq!(
+        unexplained,
+        Vec::<String>::new(),
+        "repeat deliveries with no kill since the earlier delivery"
+    );
+    for (index, repeats) in per_kill.iter().enumerate() {
+        assert!(
+            repeats.len() <= CRASH_CONCURRENCY,
+            "kill {index} caused {} duplicate deliveries, more than the concurrency {CRASH_CONCURRENCY}: {repeats:#?}",
+            repeats.len()
+        );
+    }
+    let status = daemon.status_json();
+    assert_eq!(
+        status.pointer("/queue/pending").and_then(|v| v.as_i64()),
+        Some(0),
+        "queue.pending after the loop: {status}"
+    );
+}
+
+/// Size of the archives rewritten during their upload: larger than the
+/// socket buffers between the daemon and the slow server, so that the
+/// daemon has not read the end of the file when the rewrite comes.
+const REWRITE_SIZE: usize = 4 << 20;
+
+/// Bytes of each upload the server must have read before the files are
+/// rewritten.
+const REWRITE_AFTER_BYTES: u64 = 256 * 1024;
+
+/// Returns `bytes_sent` of the upload of `file` in `status --json`.
+fn bytes_sent(daemon: &Daemon, file: &str) -> Option<u64> {
+    let status = daemon.status_json();
+    status
+        .pointer("/uploads")?
+        .as_array()?
+        .iter()
+        .find(|upload| upload.pointer("/file").and_then(|f| f.as_str()) == Some(file))?
+        .pointer("/bytes_sent")?
+        .as_u64()
+}
+
+#[test]
+fn rewrite_during_upload_sends_final_content() {
+    let begun = Instant::now();
+    let server = FaultServer::start();
+    server.set_read_delay(Duration::from_millis(20));
+    let daemon = Daemon::start(&run_args(&server.url(), &["--concurrency", "3"]));
+    let home = daemon.home();
+    // Three writers: one overwrites in place with new bytes of the same
+    // size, one truncates and writes a larger archive, and one renames a new
+    // archive over the old name.
+    let same_size = (
+        Archive::large("overwrite.zip", "overwrite-1", REWRITE_SIZE),
+        Archive::large("overwrite.zip", "overwrite-2", REWRITE_SIZE),
+    );
+    let grown = (
+        Archive::large("grow.zip", "grow-1", REWRITE_SIZE),
+        Archive::large("grow.zip", "grow-2", REWRITE_SIZE + 300_000),
+    );
+    let replaced = (
+        Archive::large("replace.zip", "replace-1", REWRITE_SIZE),
+        Archive::large("replace.zip", "replace-2", REWRITE_SIZE / 2),
+    );
+    let pairs = [&same_size, &grown, &replaced];
+    eprintln!("archives built in {:?}", begun.elapsed());
+    for (first, _) in pairs {
+        home.drop_zip_unsynced(&first.name, &first.bytes);
+    }
+    // Each rewrite comes once the server has read the start of that upload.
+    let wait_started = |first: &Archive| {
+        let started = wait_until(DELIVERY_TIMEOUT, || {
+            server.bytes_in_progress(&first.name).unwrap_or(0) >= REWRITE_AFTER_BYTES
+        });
+        assert!(started, "the upload of {} did not start", first.name);
+    };
+    // The rewrite in place must come before the daemon read the end of the
+    // file, or the abort before the last bytes is never tried.
+    let assert_not_read_to_end = |first: &Archive| {
+        let sent = bytes_sent(&daemon, &first.name);
+        eprintln!(
+            "{}: {sent:?} of {} bytes sent at the rewrite ({:?} since the start)",
+            first.name,
+            first.bytes.len(),
+            begun.elapsed()
+        );
+        assert!(
+            sent.is_some_and(|sent| sent + (1 << 20) < first.bytes.len() as u64),
+            "{}: the daemon already read near the end ({sent:?} bytes sent) before the rewrite",
+            first.name
+        );
+    };
+
+    wait_started(&same_size.0);
+    assert_not_read_to_end(&same_size.0);
+    {
+        use std::io::{Seek, Write};
+        let path = home.outbox.join(&same_size.0.name);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("opening the archive for an in-place overwrite failed");
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        file.write_all(&same_size.1.bytes)
+            .expect("overwriting the archive failed");
+    }
+    wait_started(&grown.0);
+    assert_not_read_to_end(&grown.0);
+    std::fs::write(home.outbox.join(&grown.0.name), &grown.1.bytes)
+        .expect("rewriting the archive with a larger one failed");
+    wait_started(&replaced.0);
+    home.drop_zip_unsynced(&replaced.1.name, &replaced.1.bytes);
+    server.set_read_delay(Duration::ZERO);
+
+    let finals: Vec<&Archive> = pairs.iter().map(|(_, last)| last).collect();
+    let arrived = wait_until(DELIVERY_TIMEOUT, || {
+        let deliveries = server.deliveries();
+        finals
+            .iter()
+            .all(|last| deliveries.contains_key(&last.sha256))
+    });
+    assert!(arrived, "the final contents did not all arrive");
+    eprintln!("final contents arrived after {:?}", begun.elapsed());
+    let emptied = wait_until(STATE_TIMEOUT, || outbox_archives(home).is_empty());
+    assert!(emptied, "archives left: {:?}", outbox_archives(home));
+    assert_no_mismatched_hash(&server);
+    for (first, _) in [&same_size, &grown] {
+        assert_eq!(
+            server.delivered(&first.sha256),
+            0,
+            "{}: the content from before the rewrite was accepted",
+            first.name
+        );
+        let aborted = server
+            .requests_for(&first.name)
+            .iter()
+            .filter(|request| !request.body_complete)
+            .count();
+        assert!(
+            aborted >= 1,
+            "{}: no upload was aborted mid-body:\n{}",
+            first.name,
+            server.summary()
+        );
+    }
+    assert!(
+        log_lines(&daemon, "the file changed while it was sent") >= 2,
+        "the daemon did not log the changed files"
+    );
+    assert_eq!(
+        home.rejected_files(),
+        Vec::<String>::new(),
+        "rejected files"
+    );
 }
