@@ -145,11 +145,7 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
         code: 1,
         message: err.to_string(),
     })?;
-    match queue.prune_uploaded(now_ms(), settings.uploaded_retention) {
-        Ok(0) => {}
-        Ok(n) => tracing::debug!(records = n, "pruned records of old uploads"),
-        Err(err) => tracing::warn!(error = %err, "pruning records of old uploads failed"),
-    }
+    prune_old_uploads(&mut queue, settings.uploaded_retention);
     files::finish_interrupted(&settings, &mut queue);
 
     let mut config_problems = problems;
@@ -258,6 +254,22 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     drop(lock);
     tracing::info!("outboxd stopped");
     Ok(())
+}
+
+/// Removes the records of uploads older than `retention`, so that the queue
+/// database stays bounded in a daemon that runs for months.
+fn prune_old_uploads(queue: &mut Queue, retention: Duration) {
+    match queue.prune_uploaded(now_ms(), retention) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(records = n, "pruned records of old uploads"),
+        Err(err) => tracing::warn!(error = %err, "pruning records of old uploads failed"),
+    }
+}
+
+/// Time between prunes of old upload records while the daemon runs: hourly,
+/// or as often as the retention when that is shorter (at most once a second).
+fn prune_interval(retention: Duration) -> Duration {
+    retention.clamp(Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 fn build_uploader(settings: &Settings, problems: &mut Vec<String>) -> Option<Uploader> {
@@ -585,9 +597,18 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
     let mut in_flight = JoinSet::new();
     let watchdog = crate::systemd::watchdog_interval();
     let mut last_status = String::new();
+    let mut next_prune_at = {
+        let retention = shared.core().settings.uploaded_retention;
+        now_ms() + prune_interval(retention).as_millis() as u64
+    };
     loop {
         let (jobs, wake_at, stopping, uploader, token) = {
             let mut core = shared.core();
+            if now_ms() >= next_prune_at {
+                let retention = core.settings.uploaded_retention;
+                prune_old_uploads(&mut core.queue, retention);
+                next_prune_at = now_ms() + prune_interval(retention).as_millis() as u64;
+            }
             let (jobs, wake_at) = plan(&mut core);
             (
                 jobs,
@@ -651,7 +672,8 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
         let now = now_ms();
         let mut sleep_ms = wake_at
             .map_or(30_000, |at| at.saturating_sub(now))
-            .clamp(1, 30_000);
+            .clamp(1, 30_000)
+            .min(next_prune_at.saturating_sub(now).max(1));
         if let Some(interval) = watchdog {
             crate::systemd::watchdog();
             sleep_ms = sleep_ms.min(interval.as_millis() as u64);
