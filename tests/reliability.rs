@@ -451,3 +451,97 @@ fn rewrite_during_upload_sends_final_content() {
         "rejected files"
     );
 }
+
+/// Reads `list --json` and returns the value at `pointer` of the item for
+/// `file`, if listed.
+fn listed(home: &Home, file: &str, pointer: &str) -> Option<serde_json::Value> {
+    let items = home.list_items().ok()?;
+    let item = items
+        .into_iter()
+        .find(|item| item.pointer("/file").and_then(|f| f.as_str()) == Some(file))?;
+    item.pointer(pointer).cloned()
+}
+
+#[test]
+fn far_future_attempt_after_clock_step_is_due() {
+    const DAY_MS: u64 = 86_400_000;
+    let server = FaultServer::start();
+    let file = Archive::new("clock.zip", 2048);
+    // One failure gives the item a stored next attempt time.
+    server.push_for_file(&file.name, [Reply::status(500)]);
+    server.set_default(Reply::status(500));
+    let mut daemon = Daemon::start(&run_args(&server.url(), &[]));
+    daemon.home().drop_zip(&file.name, &file.bytes);
+    let failed = wait_until(DELIVERY_TIMEOUT, || {
+        listed(daemon.home(), &file.name, "/attempts").and_then(|v| v.as_u64()) >= Some(1)
+    });
+    assert!(failed, "the upload never failed:\n{}", server.summary());
+    daemon.sigterm();
+    let exit = daemon.wait_exit(STATE_TIMEOUT);
+    assert!(exit.is_some_and(|e| e.success()), "SIGTERM exit: {exit:?}");
+
+    // The wall clock stepped back 30 days since the attempt time was
+    // stored: seen from now, the next attempt is 30 days away.
+    let far_future = outboxd::timefmt::now_ms() + 30 * DAY_MS;
+    {
+        let store = outboxd::store::Store::open(&daemon.home().state_dir)
+            .expect("opening the stopped daemon's queue failed");
+        let mut records = store.load_all().expect("reading the queue failed");
+        let record = records
+            .iter_mut()
+            .find(|record| record.file == file.name)
+            .expect("the queue has no record of clock.zip");
+        record.next_attempt_at = Some(far_future);
+        store.put(record).expect("writing the record failed");
+        store.flush_blocking().expect("flushing the queue failed");
+    }
+    let stored = outboxd::store::Store::open(&daemon.home().state_dir)
+        .and_then(|store| store.load_all())
+        .expect("reading the queue back failed");
+    assert_eq!(
+        stored
+            .iter()
+            .find(|record| record.file == file.name)
+            .and_then(|record| record.next_attempt_at),
+        Some(far_future),
+        "the edited record did not persist"
+    );
+
+    server.set_default(Reply::created());
+    daemon.restart();
+    // backoff_max_ms is 1 s in FAST_TIMINGS: the item must go within that,
+    // not in 30 days.
+    let delivered = wait_until(STATE_TIMEOUT, || server.delivered(&file.sha256) >= 1);
+    assert!(
+        delivered,
+        "the item with a next attempt 30 days away was not sent:\n{}",
+        server.summary()
+    );
+}
+
+#[test]
+fn uploaded_records_pruned_while_running() {
+    let server = FaultServer::start();
+    let daemon = Daemon::start(&run_args(
+        &server.url(),
+        &["--uploaded-retention-ms", "300"],
+    ));
+    let files = archives("prune", 5, 1024);
+    for file in &files {
+        daemon.home().drop_zip(&file.name, &file.bytes);
+    }
+    assert_all_delivered(daemon.home(), &server, &files);
+
+    let mut last = Vec::new();
+    let pruned = wait_until(STATE_TIMEOUT, || {
+        last = daemon.home().list_items().unwrap_or_default();
+        last.is_empty()
+    });
+    assert!(pruned, "records left after the retention: {last:?}");
+    let status = daemon.status_json();
+    assert_eq!(
+        status.pointer("/queue/uploaded").and_then(|v| v.as_i64()),
+        Some(5),
+        "queue.uploaded counts uploads, not records: {status}"
+    );
+}
