@@ -26,7 +26,9 @@ use crate::timefmt::{now_ms, rfc3339};
 use crate::token;
 use crate::upload::{Attempt, LocalFault, UploadJob, Uploader};
 
-pub use files::{count_rejected, prepare_dirs, ReaderLock, StateLock};
+pub use files::{
+    count_rejected, finish_interrupted, finish_uploaded, prepare_dirs, ReaderLock, StateLock,
+};
 pub use state::{Auth, Reach};
 use state::{AuthState, Core, DestinationState, HoldOrigin, InFlight, TokenState};
 
