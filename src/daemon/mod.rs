@@ -593,12 +593,18 @@ enum Job {
     BareProbe,
 }
 
+/// Minimum time between two updates of the status line for systemd.
+const STATUS_LINE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Starts uploads while the state allows, and sleeps until the next reason to
 /// look again. Returns the uploads in flight when shutdown begins.
 async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
     let mut in_flight = JoinSet::new();
     let watchdog = crate::systemd::watchdog_interval();
     let mut last_status = String::new();
+    let mut last_status_at = std::time::Instant::now()
+        .checked_sub(STATUS_LINE_INTERVAL)
+        .unwrap_or_else(std::time::Instant::now);
     let mut next_prune_at = {
         let retention = shared.core().settings.uploaded_retention;
         now_ms() + prune_interval(retention).as_millis() as u64
@@ -665,10 +671,15 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
             });
         }
 
-        let line = status_line(&shared);
-        if line != last_status {
-            crate::systemd::status(&line);
-            last_status = line;
+        // The line counts the whole queue, which costs a pass over every
+        // record: at most once a second, not once per upload.
+        if last_status_at.elapsed() >= STATUS_LINE_INTERVAL {
+            last_status_at = std::time::Instant::now();
+            let line = status_line(&shared);
+            if line != last_status {
+                crate::systemd::status(&line);
+                last_status = line;
+            }
         }
 
         let now = now_ms();
