@@ -373,6 +373,19 @@ impl Daemon {
         Daemon::start_in(Home::new(), args)
     }
 
+    /// Starts a daemon in `home` without waiting until it is ready; call
+    /// `wait_ready_within`.
+    pub fn spawn_in(home: Home, args: &[String]) -> Daemon {
+        let mut daemon = Daemon {
+            home,
+            args: args.to_vec(),
+            child: None,
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
     /// Starts a daemon in `home` and waits until it is ready. The outbox,
     /// state dir and token file flags come first; `args` follow them.
     pub fn start_in(home: Home, args: &[String]) -> Daemon {
@@ -443,10 +456,16 @@ impl Daemon {
     /// Waits until `status` reports `daemon.running == true` with this pid.
     /// Panics at once if the process exits first.
     pub fn wait_ready(&mut self) {
+        self.wait_ready_within(READY_TIMEOUT);
+    }
+
+    /// Waits like `wait_ready`, up to `timeout`, for a start that has much
+    /// to load first.
+    pub fn wait_ready_within(&mut self, timeout: Duration) {
         let pid = self.pid() as i64;
         let mut last = None;
         let mut exit = None;
-        wait_until(READY_TIMEOUT, || {
+        wait_until(timeout, || {
             let status = self.home.status();
             let running = status.flag("/daemon/running") == Some(true);
             let same_pid = status.number("/daemon/pid") == Some(pid);
@@ -460,7 +479,7 @@ impl Daemon {
         });
         if !ready || exit.is_some() {
             panic!(
-                "daemon pid {pid} did not become ready (timeout {READY_TIMEOUT:?}); process exit: {exit:?}; last status: {last:?}"
+                "daemon pid {pid} did not become ready (timeout {timeout:?}); process exit: {exit:?}; last status: {last:?}"
             );
         }
     }
@@ -501,6 +520,15 @@ impl Daemon {
 
     pub fn sighup(&self) {
         self.signal(libc::SIGHUP);
+    }
+
+    /// Stops the process with SIGSTOP, so that it runs no code until `sigcont`.
+    pub fn sigstop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn sigcont(&self) {
+        self.signal(libc::SIGCONT);
     }
 
     fn signal(&self, signal: libc::c_int) {
