@@ -158,10 +158,14 @@ impl Queue {
         if at > now && !ignore_backoff {
             return Ok(None);
         }
-        self.due.remove(&(at, id));
         let record = self.items.get_mut(&id).expect("due set and items agree");
         record.state = ItemState::Uploading;
-        self.store.put(record)?;
+        if let Err(err) = self.store.put(record) {
+            // Left uploading, the item would never be taken again.
+            record.state = ItemState::Pending;
+            return Err(err);
+        }
+        self.due.remove(&(at, id));
         Ok(Some(record.clone()))
     }
 
@@ -275,6 +279,25 @@ impl Queue {
         }
         self.store.remove(id)?;
         Ok(Some(record))
+    }
+
+    /// Writes the whole in-memory queue to the store, after `Store::reopen`
+    /// brought back an older state from disk: every record is put, stored
+    /// records that the queue no longer has are removed, and ids handed out
+    /// before the failure are not handed out again. Flushes at the end.
+    pub fn rewrite_store(&self) -> Result<(), StoreError> {
+        for record in self.items.values() {
+            self.store.put(record)?;
+        }
+        for id in self.store.ids()? {
+            if !self.items.contains_key(&id) {
+                self.store.remove(id)?;
+            }
+        }
+        if let Some(max_id) = self.items.keys().max() {
+            self.store.reserve_ids_through(*max_id)?;
+        }
+        self.store.flush_blocking()
     }
 
     /// Removes uploaded records older than `retention`. Returns how many.
