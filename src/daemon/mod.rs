@@ -529,6 +529,12 @@ pub fn status_report(shared: &Shared) -> StatusReport {
     if let Some(warning) = files::low_space_warning(&core.settings.outbox) {
         warnings.push(warning);
     }
+    if let Some(failure) = shared.store.failure() {
+        warnings.push(format!(
+            "the queue database in {} cannot be written ({failure}); uploads are paused and the files stay in the outbox until it can, so free space or fix the state dir",
+            core.settings.state_dir.display()
+        ));
+    }
     let uploaded = shared.store.uploaded_total().unwrap_or(0);
     StatusReport {
         daemon: status::DaemonStatus {
@@ -593,6 +599,50 @@ enum Job {
     BareProbe,
 }
 
+/// Time between attempts to open the queue database again after a failure.
+const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Pauses uploads while the queue database cannot be written (a full or
+/// read-only state dir), and tries every `STORE_RETRY_INTERVAL` to open it
+/// again and write the in-memory queue back. Returns true when it can be
+/// written. Uploads must wait because an upload whose uploaded mark cannot be
+/// stored would be sent again at once, over and over.
+fn check_store(shared: &Shared, core: &mut Core, retry_at: &mut Option<u64>) -> bool {
+    if !shared.store.is_broken() {
+        return true;
+    }
+    let now = now_ms();
+    let interval = STORE_RETRY_INTERVAL.as_millis() as u64;
+    let Some(at) = *retry_at else {
+        tracing::error!(
+            state_dir = %core.settings.state_dir.display(),
+            error = shared.store.failure().unwrap_or_default(),
+            "the queue database cannot be written; uploads pause and every file stays in the outbox until it can"
+        );
+        *retry_at = Some(now + interval);
+        return false;
+    };
+    if now < at {
+        return false;
+    }
+    *retry_at = Some(now + interval);
+    let recovered = shared
+        .store
+        .reopen()
+        .and_then(|()| core.queue.rewrite_store());
+    if let Err(err) = recovered {
+        tracing::debug!(error = %err, "the queue database still cannot be written");
+        return false;
+    }
+    tracing::info!("the queue database can be written again; uploads resume");
+    *retry_at = None;
+    let settings = core.settings.clone();
+    files::finish_interrupted(&settings, &mut core.queue);
+    // Files that arrived while records could not be written are queued now.
+    shared.rescan();
+    true
+}
+
 /// Minimum time between two updates of the status line for systemd.
 const STATUS_LINE_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -609,15 +659,21 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
         let retention = shared.core().settings.uploaded_retention;
         now_ms() + prune_interval(retention).as_millis() as u64
     };
+    let mut store_retry_at = None;
     loop {
         let (jobs, wake_at, stopping, uploader, token) = {
             let mut core = shared.core();
-            if now_ms() >= next_prune_at {
+            let writable = check_store(&shared, &mut core, &mut store_retry_at);
+            if writable && now_ms() >= next_prune_at {
                 let retention = core.settings.uploaded_retention;
                 prune_old_uploads(&mut core.queue, retention);
                 next_prune_at = now_ms() + prune_interval(retention).as_millis() as u64;
             }
-            let (jobs, wake_at) = plan(&mut core);
+            let (jobs, wake_at) = if writable || core.shutting_down {
+                plan(&mut core)
+            } else {
+                (Vec::new(), store_retry_at)
+            };
             (
                 jobs,
                 wake_at,
