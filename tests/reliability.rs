@@ -545,3 +545,190 @@ fn uploaded_records_pruned_while_running() {
         "queue.uploaded counts uploads, not records: {status}"
     );
 }
+
+/// A tmpfs mounted over a test's folder, unmounted when dropped. Mounting
+/// needs root; without it, `mount` returns `None` and prints why, and the
+/// test skips itself.
+struct Tmpfs {
+    path: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(path)
+            .output();
+        match output {
+            Ok(output) if output.status.success() => Some(Tmpfs {
+                path: path.to_path_buf(),
+            }),
+            Ok(output) => {
+                eprintln!(
+                    "skipped: mounting a tmpfs on {} failed (root is needed): {}",
+                    path.display(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+                None
+            }
+            Err(err) => {
+                eprintln!("skipped: running mount failed: {err}");
+                None
+            }
+        }
+    }
+
+    /// Fills the filesystem with a ballast file until a write fails with
+    /// ENOSPC. Returns the ballast's path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path.join("ballast");
+        let mut file = std::fs::File::create(&path).expect("creating the ballast failed");
+        let block = vec![0u8; 4096];
+        loop {
+            if let Err(err) = file.write_all(&block) {
+                assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling: {err}");
+                break;
+            }
+        }
+        // The last partial block may have fit: fill byte by byte to the end.
+        while file.write_all(&[0]).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy, so that a daemon still running on it does not block the
+        // unmount; its files go with the tmpfs.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Warning of a running daemon whose queue database cannot be written.
+const STORE_FAILED_LOG: &str = "the queue database cannot be written";
+const STORE_RECOVERED_LOG: &str = "the queue database can be written again";
+
+/// Returns the `warnings` of `status --json`.
+fn warnings(daemon: &Daemon) -> Vec<String> {
+    daemon
+        .status()
+        .json()
+        .and_then(|json| json.pointer("/warnings").cloned())
+        .and_then(|warnings| serde_json::from_value(warnings).ok())
+        .unwrap_or_default()
+}
+
+#[test]
+fn low_space_in_outbox_warns_in_status() {
+    let home = Home::new();
+    let Some(_tmpfs) = Tmpfs::mount(&home.outbox, "2m") else {
+        return;
+    };
+    let server = FaultServer::start();
+    let daemon = Daemon::start_in(home, &run_args(&server.url(), &[]));
+    let warnings = warnings(&daemon);
+    let low = warnings
+        .iter()
+        .find(|warning| warning.contains("outbox's filesystem"));
+    assert!(low.is_some(), "no low-space warning: {warnings:?}");
+    assert!(
+        low.is_some_and(|warning| warning.contains("2.0 MiB free")),
+        "the warning does not give the free space of the 2 MiB tmpfs: {low:?}"
+    );
+}
+
+/// Runs a daemon whose state dir is a small tmpfs, breaks the filesystem
+/// with `break_disk` after a first upload, drops archives, and checks that
+/// uploads pause without repeats and the files stay; then `repair` and
+/// checks that everything is delivered.
+fn state_disk_trouble(test: &str, break_disk: impl FnOnce(&Tmpfs), repair: impl FnOnce(&Tmpfs)) {
+    let home = Home::new();
+    let Some(tmpfs) = Tmpfs::mount(&home.state_dir, "8m") else {
+        return;
+    };
+    let server = FaultServer::start();
+    let daemon = Daemon::start_in(home, &run_args(&server.url(), &[]));
+    let home = daemon.home();
+    let first = Archive::new(&format!("{test}-first.zip"), 2048);
+    home.drop_zip(&first.name, &first.bytes);
+    assert_all_delivered(home, &server, std::slice::from_ref(&first));
+
+    break_disk(&tmpfs);
+    let files = archives(test, 5, 2048);
+    for file in &files {
+        home.drop_zip(&file.name, &file.bytes);
+    }
+    let noticed = wait_until(DELIVERY_TIMEOUT, || {
+        log_lines(&daemon, STORE_FAILED_LOG) > 0
+    });
+    assert!(noticed, "the daemon did not log the failed queue database");
+    let shown = wait_until(STATE_TIMEOUT, || {
+        warnings(&daemon)
+            .iter()
+            .any(|warning| warning.contains("cannot be written"))
+    });
+    assert!(shown, "status shows no warning: {:?}", warnings(&daemon));
+    // An archive whose uploaded mark reached the disk before the failure
+    // may be gone; every other one must still be in the outbox.
+    let kept = outbox_archives(home);
+    let deliveries = server.deliveries();
+    let lost: Vec<&String> = files
+        .iter()
+        .filter(|file| !kept.contains(&file.name) && !deliveries.contains_key(&file.sha256))
+        .map(|file| &file.name)
+        .collect();
+    assert_eq!(
+        lost,
+        Vec::<&String>::new(),
+        "archives gone without delivery"
+    );
+    assert!(
+        !kept.is_empty(),
+        "no archive was kept, so the failure came too late to test"
+    );
+
+    repair(&tmpfs);
+    assert_all_delivered(home, &server, &files);
+    assert!(
+        log_lines(&daemon, STORE_RECOVERED_LOG) > 0,
+        "the daemon did not log the recovery"
+    );
+    let repeats: Vec<(String, usize)> = server
+        .deliveries()
+        .into_iter()
+        .filter(|(_, count)| *count > 2)
+        .collect();
+    assert_eq!(
+        repeats,
+        Vec::new(),
+        "archives accepted more than twice: uploads were repeated while their marks could not be stored"
+    );
+    let cleared = wait_until(STATE_TIMEOUT, || {
+        !warnings(&daemon)
+            .iter()
+            .any(|warning| warning.contains("cannot be written"))
+    });
+    assert!(
+        cleared,
+        "the warning stayed after the recovery: {:?}",
+        warnings(&daemon)
+    );
+}
+
+#[test]
+fn full_state_dir_pauses_then_resumes() {
+    let ballast = std::cell::RefCell::new(None);
+    state_disk_trouble(
+        "enospc",
+        |tmpfs| *ballast.borrow_mut() = Some(tmpfs.fill()),
+        |_| {
+            let path = ballast.borrow_mut().take().expect("the disk was filled");
+            std::fs::remove_file(path).expect("removing the ballast failed");
+        },
+    );
+}
