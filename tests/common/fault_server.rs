@@ -6,9 +6,11 @@
 //!
 //! Clients connect to a front TCP listener that pipes each connection to an
 //! axum server on a private port. axum 0.7's `serve` gives no handle to its
-//! connections, and the pipe is what lets this server close a connection in
-//! the middle of a body, and drop every open connection on `stop()` so that
-//! an outage also cuts the daemon's pooled keep-alive connections.
+//! connections, so the pipe is what closes a connection in the middle of a
+//! body. It also drops every open connection on `stop()`, so that an outage
+//! cuts the daemon's pooled keep-alive connections too. It closes keep-alive
+//! connections that stay idle past a timeout, and it lets the server go down
+//! and up on a schedule (`start_flapping`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -310,8 +312,11 @@ struct ConnectionState {
 }
 
 /// Quiet time after which a connection is closed while the server is down.
-/// Any response was piped to the client long before.
-const DRAIN_QUIET: Duration = Duration::from_millis(20);
+/// A response is piped to the client within microseconds of its handler's
+/// end on an idle machine; the margin covers a pipe task that the scheduler
+/// starves on a busy one, which would otherwise lose an accepted upload's
+/// response and cause a repeat that no crash explains.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
 
 /// How often a connection's idle watcher looks again while it has nothing to
 /// time, so that a changed idle timeout or a flap takes effect soon.
@@ -830,6 +835,8 @@ async fn pipe(
         )
     };
     tokio::select! {
+        // Bytes waiting to be piped go first, before the idle watcher.
+        biased;
         _ = both_ways => {}
         closed_because_down = close_when_idle(&shared, &state) => {
             let counter = if closed_because_down { &shared.drain_closes } else { &shared.idle_closes };
