@@ -309,10 +309,9 @@ impl Intake {
         if self.candidates.remove(&OsString::new()).is_some() {
             self.rescan(true).await;
         }
-        // A rename into the outbox arrives as several events (notify sends
-        // the rename's destination alone and again paired with its source),
-        // so a name can be ready twice; each file is examined, and hashed,
-        // once.
+        // notify reports a rename into the outbox twice: the destination
+        // alone, and paired with its source. So a name can be ready twice,
+        // but each file is examined, and hashed, once.
         let mut seen: HashSet<OsString> = HashSet::new();
         let mut names: Vec<OsString> = std::mem::take(&mut self.ready);
         names.retain(|name| seen.insert(name.clone()));

@@ -281,10 +281,10 @@ impl Queue {
         Ok(Some(record))
     }
 
-    /// Writes the whole in-memory queue to the store, after `Store::reopen`
-    /// brought back an older state from disk: every record is put, stored
-    /// records that the queue no longer has are removed, and ids handed out
-    /// before the failure are not handed out again. Flushes at the end.
+    /// Writes the whole in-memory queue to the store and flushes it. After
+    /// `Store::reopen` the store holds an older state from disk, so every
+    /// record is put and stored records that the queue dropped are removed.
+    /// Ids handed out before the failure are never handed out again.
     pub fn rewrite_store(&self) -> Result<(), StoreError> {
         for record in self.items.values() {
             self.store.put(record)?;

@@ -162,7 +162,7 @@ impl Store {
         self.broken.load(Ordering::SeqCst)
     }
 
-    /// The error that broke the store, while it is broken.
+    /// Returns the error that broke the store, while it is broken.
     pub fn failure(&self) -> Option<String> {
         if !self.is_broken() {
             return None;

@@ -139,9 +139,9 @@ impl Uploader {
     ///
     /// A pooled keep-alive connection that the server closes just as a request
     /// starts on it fails the request without any fault of the server or the
-    /// file. Such a failure (a transport error that is neither a connect error
-    /// nor a timeout) is sent again once at once on a new connection; only a
-    /// second failure counts as the server being unreachable.
+    /// file. So after a transport error that is neither a connect error nor a
+    /// timeout, the upload is sent once more, at once, on a new connection.
+    /// Only a second failure counts as the server being unreachable.
     #[instrument(skip_all, fields(file = %job.file_name))]
     pub async fn upload(
         &self,

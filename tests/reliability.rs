@@ -1,7 +1,7 @@
 //! Reliability tests of `outboxd run` under faults: kill -9 at random
 //! moments, a flapping server, keep-alive connections closed by the server,
-//! files rewritten while they upload, clock steps, pruning, and a full or
-//! read-only disk.
+//! files rewritten while they upload, clock steps, pruning, a full state
+//! dir and a small outbox filesystem.
 //!
 //! Each test runs the real binary against the fault-injecting server on
 //! 127.0.0.1 in a private temporary home. Random choices come from a seeded
@@ -93,8 +93,8 @@ fn outbox_archives(home: &Home) -> Vec<String> {
         .collect()
 }
 
-/// Waits until every archive was accepted and the outbox holds no archive,
-/// then asserts both.
+/// Waits until every archive was accepted and no archive is left in the
+/// outbox, then asserts both.
 fn assert_all_delivered(home: &Home, server: &FaultServer, archives: &[Archive]) {
     let arrived = wait_until(DELIVERY_TIMEOUT, || {
         undelivered(server, archives).is_empty()
@@ -263,7 +263,7 @@ fn kill9_loop_loses_nothing() {
         for file in files.iter().skip(round * per_round).take(per_round) {
             daemon.home().drop_zip(&file.name, &file.bytes);
         }
-        let pause = Duration::from_millis(rng.gen_range(0..400));
+        let pause = Duration::from_millis(rng.gen_range(0..300));
         std::thread::sleep(pause);
         kills.push(Instant::now());
         daemon.kill9();
@@ -317,10 +317,11 @@ fn kill9_loop_loses_nothing() {
     );
 }
 
-/// Size of the archives rewritten during their upload: larger than the
-/// socket buffers between the daemon and the slow server, so that the
-/// daemon has not read the end of the file when the rewrite comes.
-const REWRITE_SIZE: usize = 4 << 20;
+/// Size of the archives rewritten during their upload. It exceeds the socket
+/// buffers between the daemon and the slow server, where the daemon's send
+/// buffer alone may grow to 4 MiB, so the daemon has not read the end of the
+/// file when the rewrite comes.
+const REWRITE_SIZE: usize = 8 << 20;
 
 /// Bytes of each upload the server must have read before the files are
 /// rewritten.

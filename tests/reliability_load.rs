@@ -1,6 +1,6 @@
 //! Load tests of `outboxd run`: a burst of files larger than the kernel's
 //! inotify queue, and a queue of 100,000 records. They check function (all
-//! uploaded; ready and `status` answering), not timings: the benchmarks in
+//! uploaded; the daemon ready and `status` returning), not timings: the benchmarks in
 //! `benches/` measure those. Each prints what it measured.
 
 mod common;
@@ -35,9 +35,9 @@ fn burst_past_inotify_queue_all_uploaded() {
     burst_all_uploaded(SMALL_BURST_FILES);
 }
 
-/// The burst of 20,000 files. The uploads are bound by one fsync each (the
-/// uploaded mark is flushed before a file is deleted), which took about
-/// 2.5 minutes on a shared 2-core machine, so it runs only when asked:
+/// Runs the burst with 20,000 files. Each upload costs one fsync (the
+/// uploaded mark is flushed before the file is deleted), so it took about
+/// 2.5 minutes on a shared 2-core machine and runs only when requested:
 /// `cargo test --test reliability_load -- --ignored`.
 #[test]
 #[ignore]

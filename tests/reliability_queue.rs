@@ -64,7 +64,7 @@ enum Step {
     /// The producer writes a new version of the file of an upload in flight
     /// (picked by index), in place or by a rename.
     WriteDuringUpload { slot: usize, in_place: bool },
-    /// Intake examines the file and queues it unless the queue knows it.
+    /// Intake examines the file and queues it unless a record matches it.
     Discover(usize),
     /// The dispatcher takes the next due item; a probe ignores backoff.
     Start { probe: bool },

@@ -611,6 +611,7 @@ fn check_store(shared: &Shared, core: &mut Core, retry_at: &mut Option<u64>) -> 
     if !shared.store.is_broken() {
         return true;
     }
+
     let now = now_ms();
     let interval = STORE_RETRY_INTERVAL.as_millis() as u64;
     let Some(at) = *retry_at else {
@@ -625,6 +626,7 @@ fn check_store(shared: &Shared, core: &mut Core, retry_at: &mut Option<u64>) -> 
     if now < at {
         return false;
     }
+
     *retry_at = Some(now + interval);
     let recovered = shared
         .store
@@ -634,6 +636,7 @@ fn check_store(shared: &Shared, core: &mut Core, retry_at: &mut Option<u64>) -> 
         tracing::debug!(error = %err, "the queue database still cannot be written");
         return false;
     }
+
     tracing::info!("the queue database can be written again; uploads resume");
     *retry_at = None;
     let settings = core.settings.clone();
