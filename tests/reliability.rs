@@ -202,14 +202,25 @@ fn keepalive_idle_close_loses_nothing() {
 /// many duplicate deliveries.
 const CRASH_CONCURRENCY: usize = 2;
 
+/// Time after a kill within which the server may still start handling a
+/// request of the killed daemon: its bytes were in the socket buffers before
+/// it died, and the server's handler may start late on a busy machine.
+const KILL_SLACK: Duration = Duration::from_secs(1);
+
+/// One kill: the instants just before SIGKILL and after the process was reaped.
+#[derive(Clone, Copy)]
+struct Kill {
+    sent: Instant,
+    reaped: Instant,
+}
+
 /// For each accepted delivery that repeats an earlier one of the same
-/// content, finds the first kill between the start of the earlier delivery
-/// and the start of the repeat. Returns the repeats per kill index, and the
-/// repeats that no kill explains.
-fn attribute_duplicates(
-    server: &FaultServer,
-    kills: &[Instant],
-) -> (Vec<Vec<String>>, Vec<String>) {
+/// content, finds the kill that explains it: the first kill after the
+/// earlier delivery started and before the repeat started. Failing that, the
+/// last kill before the earlier delivery, if the earlier delivery started
+/// within `KILL_SLACK` of it (a handler that started late). Returns the
+/// repeats per kill index, and the repeats that no kill explains.
+fn attribute_duplicates(server: &FaultServer, kills: &[Kill]) -> (Vec<Vec<String>>, Vec<String>) {
     let mut by_sha: HashMap<String, Vec<(Instant, String)>> = HashMap::new();
     for request in server.requests().iter().filter(|r| r.is_accepted()) {
         let part = request.file().expect("accepted requests have a file part");
@@ -225,7 +236,16 @@ fn attribute_duplicates(
         for pair in deliveries.windows(2) {
             let (earlier, _) = &pair[0];
             let (later, line) = &pair[1];
-            match kills.iter().position(|k| k > earlier && k < later) {
+            let after = kills
+                .iter()
+                .position(|kill| kill.sent > *earlier && kill.sent < *later);
+            let late_handler = || {
+                kills
+                    .iter()
+                    .rposition(|kill| kill.sent <= *earlier)
+                    .filter(|&index| kills[index].reaped + KILL_SLACK > *earlier)
+            };
+            match after.or_else(late_handler) {
                 Some(index) => per_kill[index].push(line.clone()),
                 None => unexplained.push(line.clone()),
             }
@@ -265,16 +285,24 @@ fn kill9_loop_loses_nothing() {
         }
         let pause = Duration::from_millis(rng.gen_range(0..300));
         std::thread::sleep(pause);
-        kills.push(Instant::now());
+        let sent = Instant::now();
         daemon.kill9();
+        kills.push(Kill {
+            sent,
+            reaped: Instant::now(),
+        });
         // One start in five is killed again before it is ready, at any
         // point of loading the queue and scanning the outbox.
         if rng.gen_range(0..5) == 0 {
             during_start += 1;
             daemon.spawn();
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
-            kills.push(Instant::now());
+            let sent = Instant::now();
             daemon.kill9();
+            kills.push(Kill {
+                sent,
+                reaped: Instant::now(),
+            });
         }
         daemon.restart();
     }
