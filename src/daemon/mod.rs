@@ -1024,6 +1024,14 @@ async fn complete(
             Attempt::Done(Outcome::Rejected { reason }) => {
                 core.note_answer(false);
                 let outbox = core.settings.outbox.clone();
+                if !files::unchanged(&outbox.join(&file), &record) {
+                    // The refusal is about content that is no longer there.
+                    tracing::info!(id, file = %file, reason = %reason, "the server rejected the file, but it changed since it was hashed; the new content is hashed and sent");
+                    let _ = core.queue.remove(id);
+                    drop(core);
+                    shared.examine(&file);
+                    return;
+                }
                 match intake::reject(&outbox, std::ffi::OsStr::new(&file), &reason) {
                     Ok(target) => {
                         tracing::warn!(id, file = %file, reason = %reason, rejected = %target.display(), "the server rejected the file; moved to rejected/");
