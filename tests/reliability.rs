@@ -761,3 +761,39 @@ fn full_state_dir_pauses_then_resumes() {
         },
     );
 }
+
+#[test]
+fn rejection_of_replaced_file_keeps_new_version() {
+    let server = FaultServer::start();
+    let old = Archive::new("replaced.zip", 2048);
+    let new = Archive::from_bytes("replaced.zip", archive("replaced-v2", 2048));
+    // The server refuses the old content, and answers only after the test
+    // has renamed the new version over it.
+    server.push_for_file(
+        &old.name,
+        [Reply::status(400).with_delay(Duration::from_millis(500))],
+    );
+    let daemon = Daemon::start(&run_args(&server.url(), &[]));
+    let home = daemon.home();
+    home.drop_zip(&old.name, &old.bytes);
+    let received = wait_until(STATE_TIMEOUT, || {
+        server
+            .requests_for(&old.name)
+            .iter()
+            .any(|request| request.body_complete)
+    });
+    assert!(received, "the old version never reached the server");
+    home.drop_zip(&new.name, &new.bytes);
+
+    let delivered = wait_until(DELIVERY_TIMEOUT, || server.delivered(&new.sha256) >= 1);
+    assert!(
+        delivered,
+        "the new version was not uploaded; rejected/ has {:?}",
+        home.rejected_files()
+    );
+    assert_eq!(
+        home.rejected_files(),
+        Vec::<String>::new(),
+        "files in rejected/ that the server never refused"
+    );
+}
