@@ -957,7 +957,7 @@ async fn complete(
     let mut flush_then_finish = None;
     {
         let mut core = shared.core();
-        core.uploads.remove(&id);
+        let slot = core.uploads.remove(&id);
         match attempt {
             Attempt::Done(Outcome::Uploaded { status }) => {
                 core.note_answer(true);
@@ -966,6 +966,12 @@ async fn complete(
                     Ok(Some(done)) => {
                         tracing::info!(id, file = %file, status, size = record.size, elapsed_ms = elapsed.as_millis() as u64, "uploaded");
                         flush_then_finish = Some((done, core.settings.clone()));
+                        // The upload counts against the concurrency until its
+                        // mark is on disk, because a crash before that makes
+                        // the server receive it again.
+                        if let Some(slot) = slot {
+                            core.uploads.insert(id, slot);
+                        }
                     }
                     Ok(None) => {}
                     Err(err) => {
@@ -1077,7 +1083,9 @@ async fn complete(
     if let Some((done, settings)) = flush_then_finish {
         // The uploaded mark must be on disk before the file goes, so that a
         // crash in between never makes the file look undelivered and lost.
-        if let Err(err) = shared.store.flush().await {
+        let flushed = shared.store.flush().await;
+        shared.core().uploads.remove(&id);
+        if let Err(err) = flushed {
             tracing::error!(id, file = %file, error = %err, "flushing the queue failed; the file is kept");
             return;
         }
