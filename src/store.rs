@@ -112,9 +112,9 @@ pub struct Record {
 /// The queue database. Clones share one database, and `reopen` replaces it
 /// for all of them.
 ///
-/// sled 0.34 keeps failing after a write error (a full disk, a read-only
-/// filesystem): every later write and flush returns the same error, even once
-/// space is back, until the database is opened again. So the first error marks
+/// sled 0.34 keeps failing after a write error: after ENOSPC on a full disk,
+/// every later write and flush returned the same error even once space was
+/// back, until the database was opened again. So the first error marks
 /// the store broken, and the daemon reopens it and writes its in-memory state
 /// back (`Queue::rewrite_store`) once the disk takes writes again.
 #[derive(Clone)]

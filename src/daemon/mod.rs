@@ -602,8 +602,8 @@ enum Job {
 /// Time between attempts to open the queue database again after a failure.
 const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Pauses uploads while the queue database cannot be written (a full or
-/// read-only state dir), and tries every `STORE_RETRY_INTERVAL` to open it
+/// Pauses uploads while the queue database cannot be written (a full state
+/// dir, or another write error), and tries every `STORE_RETRY_INTERVAL` to open it
 /// again and write the in-memory queue back. Returns true when it can be
 /// written. Uploads must wait because an upload whose uploaded mark cannot be
 /// stored would be sent again at once, over and over.
