@@ -363,15 +363,12 @@ impl Intake {
         if self.candidates.remove(&OsString::new()).is_some() {
             self.rescan(true).await;
         }
-        // Each name is looked at once, although a rename reports its
-        // destination twice (notify sends a To and a Both event).
-        let mut names: Vec<OsString> = Vec::new();
+        // notify reports a rename into the outbox twice: the destination
+        // alone, and paired with its source. So a name can be ready twice,
+        // but each file is examined, and hashed, once.
         let mut seen: HashSet<OsString> = HashSet::new();
-        for name in std::mem::take(&mut self.ready) {
-            if seen.insert(name.clone()) {
-                names.push(name);
-            }
-        }
+        let mut names: Vec<OsString> = std::mem::take(&mut self.ready);
+        names.retain(|name| seen.insert(name.clone()));
         for (name, candidate) in &self.candidates {
             if candidate.due <= now && seen.insert(name.clone()) {
                 names.push(name.clone());

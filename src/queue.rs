@@ -158,10 +158,14 @@ impl Queue {
         if at > now && !ignore_backoff {
             return Ok(None);
         }
-        self.due.remove(&(at, id));
         let record = self.items.get_mut(&id).expect("due set and items agree");
         record.state = ItemState::Uploading;
-        self.store.put(record)?;
+        if let Err(err) = self.store.put(record) {
+            // Left uploading, the item would never be taken again.
+            record.state = ItemState::Pending;
+            return Err(err);
+        }
+        self.due.remove(&(at, id));
         Ok(Some(record.clone()))
     }
 
@@ -275,6 +279,25 @@ impl Queue {
         }
         self.store.remove(id)?;
         Ok(Some(record))
+    }
+
+    /// Writes the whole in-memory queue to the store and flushes it. After
+    /// `Store::reopen` the store holds an older state from disk, so every
+    /// record is put and stored records that the queue dropped are removed.
+    /// Ids handed out before the failure are never handed out again.
+    pub fn rewrite_store(&self) -> Result<(), StoreError> {
+        for record in self.items.values() {
+            self.store.put(record)?;
+        }
+        for id in self.store.ids()? {
+            if !self.items.contains_key(&id) {
+                self.store.remove(id)?;
+            }
+        }
+        if let Some(max_id) = self.items.keys().max() {
+            self.store.reserve_ids_through(*max_id)?;
+        }
+        self.store.flush_blocking()
     }
 
     /// Removes uploaded records older than `retention`. Returns how many.
@@ -405,6 +428,73 @@ mod tests {
         assert_eq!(
             queue.take_due(now_ms(), false).unwrap().map(|r| r.id),
             Some(a)
+        );
+    }
+
+    /// Stores item `a.zip` with its next attempt at `at`, then loads the
+    /// queue again as a restart does.
+    fn reload_with_next_attempt(at: u64) -> (tempfile::TempDir, Queue, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let store = Store::open(dir.path()).unwrap();
+            let mut queue = Queue::load(store, Duration::from_secs(300)).unwrap();
+            let id = queue.accept(facts("a.zip")).unwrap();
+            queue.take_due(now_ms(), false).unwrap().unwrap();
+            queue.requeue(id, true, Some(at), None).unwrap();
+            queue.store().flush_blocking().unwrap();
+            id
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let queue = Queue::load(store, Duration::from_secs(300)).unwrap();
+        (dir, queue, id)
+    }
+
+    #[test]
+    fn far_future_attempt_is_due_after_reload() {
+        // The clock stepped back 30 days after the time was stored.
+        let (dir, mut queue, id) = reload_with_next_attempt(now_ms() + 30 * 86_400_000);
+        assert_eq!(queue.get(id).unwrap().next_attempt_at, None);
+        assert_eq!(queue.get(id).unwrap().attempts, 1, "attempts kept");
+        assert_eq!(
+            queue.take_due(now_ms(), false).unwrap().map(|r| r.id),
+            Some(id)
+        );
+        queue.store().flush_blocking().unwrap();
+        drop(queue);
+        let stored = Store::open(dir.path()).unwrap().load_all().unwrap();
+        assert_eq!(stored[0].next_attempt_at, None, "the clamp was not stored");
+    }
+
+    #[test]
+    fn attempt_within_max_delay_kept_on_reload() {
+        let at = now_ms() + 60_000;
+        let (_dir, mut queue, id) = reload_with_next_attempt(at);
+        assert_eq!(queue.get(id).unwrap().next_attempt_at, Some(at));
+        assert!(queue.take_due(now_ms(), false).unwrap().is_none());
+        assert_eq!(queue.next_due_at(), Some(at));
+    }
+
+    #[test]
+    fn clamp_future_keeps_near_attempts() {
+        let (_dir, mut queue) = open();
+        let now = now_ms();
+        let far = queue.accept(facts("far.zip")).unwrap();
+        let near = queue.accept(facts("near.zip")).unwrap();
+        queue.take_due(now, false).unwrap().unwrap();
+        queue.take_due(now, false).unwrap().unwrap();
+        queue
+            .requeue(far, true, Some(now + 86_400_000), None)
+            .unwrap();
+        queue.requeue(near, true, Some(now + 60_000), None).unwrap();
+
+        queue.clamp_future(now, Duration::from_secs(300)).unwrap();
+
+        assert_eq!(queue.get(far).unwrap().next_attempt_at, None);
+        assert_eq!(queue.get(near).unwrap().next_attempt_at, Some(now + 60_000));
+        assert_eq!(queue.take_due(now, false).unwrap().map(|r| r.id), Some(far));
+        assert!(
+            queue.take_due(now, false).unwrap().is_none(),
+            "near is not due"
         );
     }
 

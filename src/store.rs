@@ -34,7 +34,9 @@
 //!   without a record is queued again on start, a record without a file is dropped.
 //! - `uploading` is never trusted after a restart: `open` turns it into `pending`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +60,8 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("a queue record is invalid: {0}")]
     Decode(#[from] serde_json::Error),
+    #[error("the queue database is closed after a failure and could not be opened again yet")]
+    Closed,
 }
 
 /// State of an item in the queue.
@@ -105,9 +109,24 @@ pub struct Record {
     pub uploaded_at: Option<u64>,
 }
 
-/// The queue database.
+/// The queue database. Clones share one database, and `reopen` replaces it
+/// for all of them.
+///
+/// sled 0.34 keeps failing after a write error: after ENOSPC on a full disk,
+/// every later write and flush returned the same error even once space was
+/// back, until the database was opened again. So the first error marks
+/// the store broken, and the daemon reopens it and writes its in-memory state
+/// back (`Queue::rewrite_store`) once the disk takes writes again.
 #[derive(Clone)]
 pub struct Store {
+    path: PathBuf,
+    handles: Arc<RwLock<Option<Handles>>>,
+    broken: Arc<AtomicBool>,
+    /// The error that broke the store, for logs and `status`.
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+struct Handles {
     db: sled::Db,
     items: sled::Tree,
     meta: sled::Tree,
@@ -122,37 +141,13 @@ impl Store {
 
     fn open_with_wait(state_dir: &Path, wait: Duration) -> Result<Store, StoreError> {
         let path = state_dir.join("queue");
-        let deadline = std::time::Instant::now() + wait;
-        let db = loop {
-            let result = sled::Config::new()
-                .path(&path)
-                .cache_capacity(CACHE_BYTES)
-                .flush_every_ms(Some(500))
-                .open();
-            match result {
-                Ok(db) => break db,
-                // sled 0.34 reports its lock as ErrorKind::Other with this text.
-                Err(sled::Error::Io(err))
-                    if (err.kind() == std::io::ErrorKind::WouldBlock
-                        || err.to_string().contains("could not acquire lock"))
-                        && std::time::Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(source) => {
-                    return Err(StoreError::Open {
-                        path: path.display().to_string(),
-                        source,
-                    })
-                }
-            }
-        };
-        let items = db.open_tree("items")?;
-        let meta = db.open_tree("meta")?;
-        if meta.get("created_at")?.is_none() {
-            meta.insert("created_at", &crate::timefmt::now_ms().to_be_bytes())?;
-        }
-        Ok(Store { db, items, meta })
+        let handles = open_handles(&path, wait)?;
+        Ok(Store {
+            path,
+            handles: Arc::new(RwLock::new(Some(handles))),
+            broken: Arc::new(AtomicBool::new(false)),
+            failure: Arc::new(Mutex::new(None)),
+        })
     }
 
     /// Opens the database of a stopped daemon for `status` and `list`, waiting
@@ -161,79 +156,211 @@ impl Store {
         Store::open_with_wait(state_dir, Duration::from_millis(300))
     }
 
+    /// True after a write or flush failed: the database takes no more writes
+    /// until `reopen` succeeds.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::SeqCst)
+    }
+
+    /// Returns the error that broke the store, while it is broken.
+    pub fn failure(&self) -> Option<String> {
+        if !self.is_broken() {
+            return None;
+        }
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn mark_broken(&self, error: &StoreError) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+        self.broken.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the database and opens it again. On success the store is no
+    /// longer broken, but it holds only what was on disk: the caller writes
+    /// its in-memory state back. On failure the store stays closed and broken.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut handles = self.handles.write().unwrap_or_else(|p| p.into_inner());
+        // sled's file lock is released only when the old handles are dropped.
+        drop(handles.take());
+        match open_handles(&self.path, Duration::ZERO) {
+            Ok(opened) => {
+                *handles = Some(opened);
+                self.broken.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(err) => {
+                self.mark_broken(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Runs `op` on the open handles; an error marks the store broken.
+    fn with<T>(&self, op: impl FnOnce(&Handles) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let handles = self.handles.read().unwrap_or_else(|p| p.into_inner());
+        let result = match handles.as_ref() {
+            Some(handles) => op(handles),
+            None => Err(StoreError::Closed),
+        };
+        if let Err(err @ StoreError::Sled(_)) = &result {
+            self.mark_broken(err);
+        }
+        result
+    }
+
     /// Returns every record. Records that do not decode are skipped with a warning:
     /// their files are still in the outbox and are queued again by the rescan.
     pub fn load_all(&self) -> Result<Vec<Record>, StoreError> {
-        let mut records = Vec::with_capacity(self.items.len());
-        for entry in self.items.iter() {
-            let (key, value) = entry?;
-            match decode(&value) {
-                Ok(record) => records.push(record),
-                Err(err) => {
-                    tracing::warn!(key = %hex::encode(&key), error = %err, "dropping an unreadable queue record; its file is queued again");
-                    self.items.remove(key)?;
+        self.with(|h| {
+            let mut records = Vec::with_capacity(h.items.len());
+            for entry in h.items.iter() {
+                let (key, value) = entry?;
+                match decode(&value) {
+                    Ok(record) => records.push(record),
+                    Err(err) => {
+                        tracing::warn!(key = %hex::encode(&key), error = %err, "dropping an unreadable queue record; its file is queued again");
+                        h.items.remove(key)?;
+                    }
                 }
             }
-        }
-        Ok(records)
+            Ok(records)
+        })
     }
 
     /// Allocates a new item id.
     pub fn next_id(&self) -> Result<u64, StoreError> {
-        let value = self.meta.update_and_fetch("next_id", |old| {
-            let next = old.map(be_u64).unwrap_or(0) + 1;
-            Some(next.to_be_bytes().to_vec())
-        })?;
-        Ok(value.map(|v| be_u64(&v)).unwrap_or(1))
+        self.with(|h| {
+            let value = h.meta.update_and_fetch("next_id", |old| {
+                let next = old.map(be_u64).unwrap_or(0) + 1;
+                Some(next.to_be_bytes().to_vec())
+            })?;
+            Ok(value.map(|v| be_u64(&v)).unwrap_or(1))
+        })
+    }
+
+    /// Makes sure that `next_id` never returns `id` or a smaller id, after a
+    /// reopen lost ids that were handed out but not written.
+    pub fn reserve_ids_through(&self, id: u64) -> Result<(), StoreError> {
+        self.with(|h| {
+            h.meta.update_and_fetch("next_id", |old| {
+                let next = old.map(be_u64).unwrap_or(0).max(id);
+                Some(next.to_be_bytes().to_vec())
+            })?;
+            Ok(())
+        })
     }
 
     /// Writes a record (insert or replace).
     pub fn put(&self, record: &Record) -> Result<(), StoreError> {
-        self.items
-            .insert(record.id.to_be_bytes(), serde_json::to_vec(record)?)?;
-        Ok(())
+        let value = serde_json::to_vec(record)?;
+        self.with(|h| {
+            h.items.insert(record.id.to_be_bytes(), value)?;
+            Ok(())
+        })
     }
 
     pub fn get(&self, id: u64) -> Result<Option<Record>, StoreError> {
-        match self.items.get(id.to_be_bytes())? {
+        self.with(|h| match h.items.get(id.to_be_bytes())? {
             Some(value) => Ok(Some(decode(&value)?)),
             None => Ok(None),
-        }
+        })
     }
 
     pub fn remove(&self, id: u64) -> Result<(), StoreError> {
-        self.items.remove(id.to_be_bytes())?;
-        Ok(())
+        self.with(|h| {
+            h.items.remove(id.to_be_bytes())?;
+            Ok(())
+        })
+    }
+
+    /// Returns the ids of every stored record.
+    pub fn ids(&self) -> Result<Vec<u64>, StoreError> {
+        self.with(|h| {
+            let mut ids = Vec::with_capacity(h.items.len());
+            for key in h.items.iter().keys() {
+                ids.push(be_u64(&key?));
+            }
+            Ok(ids)
+        })
     }
 
     /// Writes an uploaded record and counts the upload. The caller must `flush`
     /// before it deletes or moves the file.
     pub fn mark_uploaded(&self, record: &Record) -> Result<(), StoreError> {
         self.put(record)?;
-        self.meta.update_and_fetch("uploaded_total", |old| {
-            Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
-        })?;
-        Ok(())
+        self.with(|h| {
+            h.meta.update_and_fetch("uploaded_total", |old| {
+                Some((old.map(be_u64).unwrap_or(0) + 1).to_be_bytes().to_vec())
+            })?;
+            Ok(())
+        })
     }
 
     /// Count of uploads since the state dir was created.
     pub fn uploaded_total(&self) -> Result<u64, StoreError> {
-        Ok(self
-            .meta
-            .get("uploaded_total")?
-            .map(|v| be_u64(&v))
-            .unwrap_or(0))
+        self.with(|h| {
+            Ok(h.meta
+                .get("uploaded_total")?
+                .map(|v| be_u64(&v))
+                .unwrap_or(0))
+        })
     }
 
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        let db = self.with(|h| Ok(h.db.clone()))?;
+        if let Err(err) = db.flush_async().await {
+            let err = StoreError::Sled(err);
+            self.mark_broken(&err);
+            return Err(err);
+        }
         Ok(())
     }
 
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.with(|h| {
+            h.db.flush()?;
+            Ok(())
+        })
     }
+}
+
+/// Opens the sled database at `path`, retrying for up to `wait` while another
+/// process holds its lock.
+fn open_handles(path: &Path, wait: Duration) -> Result<Handles, StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    let db = loop {
+        let result = sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .flush_every_ms(Some(500))
+            .open();
+        match result {
+            Ok(db) => break db,
+            // sled 0.34 reports its lock as ErrorKind::Other with this text.
+            Err(sled::Error::Io(err))
+                if (err.kind() == std::io::ErrorKind::WouldBlock
+                    || err.to_string().contains("could not acquire lock"))
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(StoreError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+        }
+    };
+    let items = db.open_tree("items")?;
+    let meta = db.open_tree("meta")?;
+    if meta.get("created_at")?.is_none() {
+        meta.insert("created_at", &crate::timefmt::now_ms().to_be_bytes())?;
+    }
+    Ok(Handles { db, items, meta })
 }
 
 fn decode(value: &[u8]) -> Result<Record, serde_json::Error> {

@@ -98,6 +98,10 @@ pub enum Attempt {
 #[derive(Clone)]
 pub struct Uploader {
     client: reqwest::Client,
+    /// A client that keeps no idle connections, so that each request opens a
+    /// new one: for the one repeat of an upload whose pooled connection was
+    /// closed under it.
+    fresh_client: reqwest::Client,
     url: reqwest::Url,
     fields: Vec<(String, String)>,
     file_field: String,
@@ -109,46 +113,11 @@ impl Uploader {
     /// Builds the client. The error is a configuration fault (URL, CA file).
     pub fn new(settings: &Settings) -> Result<Uploader, String> {
         let url = check_server_url(settings)?;
-        let mut builder = reqwest::Client::builder()
-            .use_rustls_tls()
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(USER_AGENT)
-            .connect_timeout(settings.connect_timeout)
-            .read_timeout(settings.read_timeout)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .tcp_keepalive(Duration::from_secs(30))
-            .tcp_nodelay(true);
-        if let Some(path) = &settings.ca_file {
-            let pem = std::fs::read(path).map_err(|err| {
-                format!(
-                    "ca_file {} cannot be read: {err}; fix the path or remove ca_file",
-                    path.display()
-                )
-            })?;
-            let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
-                format!(
-                    "ca_file {} is not valid PEM: {err}; give a file of PEM certificates",
-                    path.display()
-                )
-            })?;
-            if certificates.is_empty() {
-                return Err(format!(
-                    "ca_file {} has no certificates; give a file of PEM certificates",
-                    path.display()
-                ));
-            }
-            for certificate in certificates {
-                builder = builder.add_root_certificate(certificate);
-            }
-        }
-        let client = builder.build().map_err(|err| {
-            format!(
-                "the HTTP client cannot be built: {}",
-                outcome::error_chain(&err)
-            )
-        })?;
+        let client = build_client(settings, usize::MAX)?;
+        let fresh_client = build_client(settings, 0)?;
         Ok(Uploader {
             client,
+            fresh_client,
             url,
             fields: settings
                 .fields
@@ -167,6 +136,12 @@ impl Uploader {
 
     /// Sends one file. `progress` receives the count of body bytes of the
     /// archive handed to the connection.
+    ///
+    /// A pooled keep-alive connection that the server closes just as a request
+    /// starts on it fails the request without any fault of the server or the
+    /// file. So after a transport error that is neither a connect error nor a
+    /// timeout, the upload is sent once more, at once, on a new connection.
+    /// Only a second failure counts as the server being unreachable.
     #[instrument(skip_all, fields(file = %crate::intake::escape_for_log(&job.file_name)))]
     pub async fn upload(
         &self,
@@ -174,16 +149,38 @@ impl Uploader {
         token: &Token,
         progress: Arc<AtomicU64>,
     ) -> Attempt {
+        let error = match self.send_file(&self.client, job, token, &progress).await {
+            Sent::Attempt(attempt) => return attempt,
+            Sent::ConnectionLost(error) => error,
+        };
+        tracing::debug!(error = %outcome::error_chain(&error), "the connection failed before a response; sending once more on a new connection");
+        progress.store(0, Ordering::Relaxed);
+        match self
+            .send_file(&self.fresh_client, job, token, &progress)
+            .await
+        {
+            Sent::Attempt(attempt) => attempt,
+            Sent::ConnectionLost(error) => Attempt::Done(outcome::classify_error(&error)),
+        }
+    }
+
+    async fn send_file(
+        &self,
+        client: &reqwest::Client,
+        job: &UploadJob,
+        token: &Token,
+        progress: &Arc<AtomicU64>,
+    ) -> Sent {
         let file = match open_checked(job).await {
             Ok(file) => file,
-            Err(fault) => return Attempt::Local(fault),
+            Err(fault) => return Sent::Attempt(Attempt::Local(fault)),
         };
         let changed = Arc::new(AtomicBool::new(false));
         let body = verified_body(
             file,
             job.size,
             job.sha256.clone(),
-            progress,
+            progress.clone(),
             changed.clone(),
         );
         let part = Part::stream_with_length(body, job.size)
@@ -201,19 +198,25 @@ impl Uploader {
         }
         form = form.part(self.file_field.clone(), part);
 
-        let request = self
-            .client
+        let request = client
             .post(self.url.clone())
             .bearer_auth(token.expose())
             .header("Idempotency-Key", &job.sha256)
             .multipart(form);
-        let result = self.finish(request, token).await;
+        let result = match request.send().await {
+            Ok(response) => Ok(self.read_response(response, token).await),
+            Err(error) => Err(error),
+        };
         if changed.load(Ordering::SeqCst) {
-            return Attempt::Local(LocalFault::Changed(
+            return Sent::Attempt(Attempt::Local(LocalFault::Changed(
                 "the file changed while it was sent; the request was aborted before the body was complete".into(),
-            ));
+            )));
         }
-        Attempt::Done(result)
+        match result {
+            Ok(outcome) => Sent::Attempt(Attempt::Done(outcome)),
+            Err(error) if is_lost_connection(&error) => Sent::ConnectionLost(error),
+            Err(error) => Sent::Attempt(Attempt::Done(outcome::classify_error(&error))),
+        }
     }
 
     /// Sends the probe of `outboxd check` and of a hold with an empty queue: a
@@ -239,15 +242,18 @@ impl Uploader {
         }
     }
 
-    /// Sends the request and classifies the response. `token` is removed from
-    /// the response text, because a server that echoes the request (a debugging
-    /// proxy, an error page that dumps the headers) would otherwise put it into
-    /// reasons, logs and `status`.
+    /// Sends the request and classifies the response.
     async fn finish(&self, request: reqwest::RequestBuilder, token: &Token) -> Outcome {
-        let mut response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => return outcome::classify_error(&err),
-        };
+        match request.send().await {
+            Ok(response) => self.read_response(response, token).await,
+            Err(err) => outcome::classify_error(&err),
+        }
+    }
+
+    /// Classifies a response. `token` is removed from the response text, because
+    /// a server that echoes the request (a debugging proxy, an error page that
+    /// dumps the headers) would otherwise put it into reasons, logs and `status`.
+    async fn read_response(&self, mut response: reqwest::Response, token: &Token) -> Outcome {
         let status = response.status();
         let header = |name: &str| {
             response
@@ -278,6 +284,68 @@ impl Uploader {
             SystemTime::now(),
         )
     }
+}
+
+/// Builds an HTTP client for `settings`. The error is a configuration fault
+/// (CA file). Idle connections beyond `max_idle` per host are closed at once.
+fn build_client(settings: &Settings, max_idle: usize) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder()
+        .use_rustls_tls()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(USER_AGENT)
+        .connect_timeout(settings.connect_timeout)
+        .read_timeout(settings.read_timeout)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_max_idle_per_host(max_idle)
+        .tcp_keepalive(Duration::from_secs(30))
+        .tcp_nodelay(true);
+    if let Some(path) = &settings.ca_file {
+        let pem = std::fs::read(path).map_err(|err| {
+            format!(
+                "ca_file {} cannot be read: {err}; fix the path or remove ca_file",
+                path.display()
+            )
+        })?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem).map_err(|err| {
+            format!(
+                "ca_file {} is not valid PEM: {err}; give a file of PEM certificates",
+                path.display()
+            )
+        })?;
+        if certificates.is_empty() {
+            return Err(format!(
+                "ca_file {} has no certificates; give a file of PEM certificates",
+                path.display()
+            ));
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|err| {
+        format!(
+            "the HTTP client cannot be built: {}",
+            outcome::error_chain(&err)
+        )
+    })
+}
+
+/// The result of sending a file once.
+enum Sent {
+    Attempt(Attempt),
+    /// The connection failed after it was made and before a response came.
+    ConnectionLost(reqwest::Error),
+}
+
+/// True for a transport error on a connection that was made: not a failure
+/// to connect, not a timeout, and not a certificate problem. A keep-alive
+/// connection closed by the server shows up as one of these ("connection
+/// closed before message completed", or a reset).
+fn is_lost_connection(error: &reqwest::Error) -> bool {
+    if error.is_connect() || error.is_timeout() || error.is_builder() || error.is_redirect() {
+        return false;
+    }
+    matches!(outcome::classify_error(error), Outcome::Unreachable { .. })
 }
 
 /// Opens the file without following a symbolic link and checks that it is the

@@ -222,7 +222,7 @@ impl ReaderLock {
 }
 
 /// True when the file at `path` is still the one the record describes.
-fn unchanged(path: &Path, record: &Record) -> bool {
+pub(super) fn unchanged(path: &Path, record: &Record) -> bool {
     match path.symlink_metadata() {
         Ok(m) => {
             m.is_file()

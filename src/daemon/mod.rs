@@ -26,7 +26,10 @@ use crate::timefmt::{now_ms, rfc3339};
 use crate::token;
 use crate::upload::{Attempt, LocalFault, UploadJob, Uploader};
 
-pub use files::{count_rejected, flock_holder, prepare_dirs, ReaderLock, StateLock};
+pub use files::{
+    count_rejected, finish_interrupted, finish_uploaded, flock_holder, prepare_dirs, ReaderLock,
+    StateLock,
+};
 pub use state::{Auth, Reach};
 use state::{AuthState, Core, DestinationState, HoldOrigin, InFlight, TokenState};
 
@@ -163,11 +166,7 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
         code: 1,
         message: err.to_string(),
     })?;
-    match queue.prune_uploaded(now_ms(), settings.uploaded_retention) {
-        Ok(0) => {}
-        Ok(n) => tracing::debug!(records = n, "pruned records of old uploads"),
-        Err(err) => tracing::warn!(error = %err, "pruning records of old uploads failed"),
-    }
+    prune_old_uploads(&mut queue, settings.uploaded_retention);
     files::finish_interrupted(&settings, &mut queue);
 
     let mut config_problems = problems;
@@ -281,6 +280,22 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
     drop(lock);
     tracing::info!("outboxd stopped");
     Ok(())
+}
+
+/// Removes the records of uploads older than `retention`, so that the queue
+/// database stays bounded in a daemon that runs for months.
+fn prune_old_uploads(queue: &mut Queue, retention: Duration) {
+    match queue.prune_uploaded(now_ms(), retention) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(records = n, "pruned records of old uploads"),
+        Err(err) => tracing::warn!(error = %err, "pruning records of old uploads failed"),
+    }
+}
+
+/// Time between prunes of old upload records while the daemon runs: hourly,
+/// or as often as the retention when that is shorter (at most once a second).
+fn prune_interval(retention: Duration) -> Duration {
+    retention.clamp(Duration::from_secs(1), Duration::from_secs(3600))
 }
 
 fn build_uploader(settings: &Settings, problems: &mut Vec<String>) -> Option<Uploader> {
@@ -566,6 +581,12 @@ pub fn status_report(shared: &Shared) -> StatusReport {
     if let Some(warning) = files::low_space_warning(&core.settings.outbox) {
         warnings.push(warning);
     }
+    if let Some(failure) = shared.store.failure() {
+        warnings.push(format!(
+            "the queue database in {} cannot be written ({failure}); uploads are paused and the files stay in the outbox until it can, so free space or fix the state dir",
+            core.settings.state_dir.display()
+        ));
+    }
     let uploaded = shared.store.uploaded_total().unwrap_or(0);
     StatusReport {
         daemon: status::DaemonStatus {
@@ -630,16 +651,84 @@ enum Job {
     BareProbe,
 }
 
+/// Time between attempts to open the queue database again after a failure.
+const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Pauses uploads while the queue database cannot be written (a full state
+/// dir, or another write error), and tries every `STORE_RETRY_INTERVAL` to open it
+/// again and write the in-memory queue back. Returns true when it can be
+/// written. Uploads must wait because an upload whose uploaded mark cannot be
+/// stored would be sent again at once, over and over.
+fn check_store(shared: &Shared, core: &mut Core, retry_at: &mut Option<u64>) -> bool {
+    if !shared.store.is_broken() {
+        return true;
+    }
+
+    let now = now_ms();
+    let interval = STORE_RETRY_INTERVAL.as_millis() as u64;
+    let Some(at) = *retry_at else {
+        tracing::error!(
+            state_dir = %core.settings.state_dir.display(),
+            error = shared.store.failure().unwrap_or_default(),
+            "the queue database cannot be written; uploads pause and every file stays in the outbox until it can"
+        );
+        *retry_at = Some(now + interval);
+        return false;
+    };
+    if now < at {
+        return false;
+    }
+
+    *retry_at = Some(now + interval);
+    let recovered = shared
+        .store
+        .reopen()
+        .and_then(|()| core.queue.rewrite_store());
+    if let Err(err) = recovered {
+        tracing::debug!(error = %err, "the queue database still cannot be written");
+        return false;
+    }
+
+    tracing::info!("the queue database can be written again; uploads resume");
+    *retry_at = None;
+    let settings = core.settings.clone();
+    files::finish_interrupted(&settings, &mut core.queue);
+    // Files that arrived while records could not be written are queued now.
+    shared.rescan();
+    true
+}
+
+/// Minimum time between two updates of the status line for systemd.
+const STATUS_LINE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Starts uploads while the state allows, and sleeps until the next reason to
 /// look again. Returns the uploads in flight when shutdown begins.
 async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
     let mut in_flight = JoinSet::new();
     let watchdog = crate::systemd::watchdog_interval();
     let mut last_status = String::new();
+    let mut last_status_at = std::time::Instant::now()
+        .checked_sub(STATUS_LINE_INTERVAL)
+        .unwrap_or_else(std::time::Instant::now);
+    let mut next_prune_at = {
+        let retention = shared.core().settings.uploaded_retention;
+        now_ms() + prune_interval(retention).as_millis() as u64
+    };
+    let mut store_retry_at = None;
     loop {
         let (jobs, wake_at, stopping, uploader, token) = {
             let mut core = shared.core();
-            let (jobs, wake_at) = plan(&mut core);
+            let writable = check_store(&shared, &mut core, &mut store_retry_at);
+            if writable && now_ms() >= next_prune_at {
+                let retention = core.settings.uploaded_retention;
+                prune_old_uploads(&mut core.queue, retention);
+                next_prune_at = now_ms() + prune_interval(retention).as_millis() as u64;
+            }
+            let (jobs, wake_at) = if writable || core.shutting_down {
+                plan(&mut core)
+            } else {
+                (Vec::new(), store_retry_at)
+            };
             (
                 jobs,
                 wake_at,
@@ -693,16 +782,22 @@ async fn dispatch(shared: Arc<Shared>) -> JoinSet<()> {
             });
         }
 
-        let line = status_line(&shared);
-        if line != last_status {
-            crate::systemd::status(&line);
-            last_status = line;
+        // The line counts the whole queue, which costs a pass over every
+        // record: at most once a second, not once per upload.
+        if last_status_at.elapsed() >= STATUS_LINE_INTERVAL {
+            last_status_at = std::time::Instant::now();
+            let line = status_line(&shared);
+            if line != last_status {
+                crate::systemd::status(&line);
+                last_status = line;
+            }
         }
 
         let now = now_ms();
         let mut sleep_ms = wake_at
             .map_or(30_000, |at| at.saturating_sub(now))
-            .clamp(1, 30_000);
+            .clamp(1, 30_000)
+            .min(next_prune_at.saturating_sub(now).max(1));
         if let Some(interval) = watchdog {
             crate::systemd::watchdog();
             sleep_ms = sleep_ms.min(interval.as_millis() as u64);
@@ -933,7 +1028,7 @@ async fn complete(
     let mut flush_then_finish = None;
     {
         let mut core = shared.core();
-        core.uploads.remove(&id);
+        let slot = core.uploads.remove(&id);
         match attempt {
             Attempt::Done(Outcome::Uploaded { status }) => {
                 core.note_answer(true);
@@ -942,6 +1037,12 @@ async fn complete(
                     Ok(Some(done)) => {
                         tracing::info!(id, file = %escape_for_log(&file), status, size = record.size, elapsed_ms = elapsed.as_millis() as u64, "uploaded");
                         flush_then_finish = Some((done, core.settings.clone()));
+                        // The upload counts against the concurrency until its
+                        // mark is on disk, because a crash before that makes
+                        // the server receive it again.
+                        if let Some(slot) = slot {
+                            core.uploads.insert(id, slot);
+                        }
                     }
                     Ok(None) => {}
                     Err(err) => {
@@ -1000,6 +1101,14 @@ async fn complete(
             Attempt::Done(Outcome::Rejected { reason }) => {
                 core.note_answer(false);
                 let outbox = core.settings.outbox.clone();
+                if !files::unchanged(&outbox.join(&file), &record) {
+                    // The refusal is about content that is no longer there.
+                    tracing::info!(id, file = %file, reason = %reason, "the server rejected the file, but it changed since it was hashed; the new content is hashed and sent");
+                    let _ = core.queue.remove(id);
+                    drop(core);
+                    shared.examine(&file);
+                    return;
+                }
                 match intake::reject(&outbox, std::ffi::OsStr::new(&file), &reason) {
                     Ok(target) => {
                         tracing::warn!(id, file = %escape_for_log(&file), reason = %reason, rejected = %escape_for_log(&target.display().to_string()), "the server rejected the file; moved to rejected/");
@@ -1045,7 +1154,9 @@ async fn complete(
     if let Some((done, settings)) = flush_then_finish {
         // The uploaded mark must be on disk before the file goes, so that a
         // crash in between never makes the file look undelivered and lost.
-        if let Err(err) = shared.store.flush().await {
+        let flushed = shared.store.flush().await;
+        shared.core().uploads.remove(&id);
+        if let Err(err) = flushed {
             tracing::error!(id, file = %escape_for_log(&file), error = %err, "flushing the queue failed; the file is kept");
             return;
         }

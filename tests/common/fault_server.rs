@@ -6,15 +6,17 @@
 //!
 //! Clients connect to a front TCP listener that pipes each connection to an
 //! axum server on a private port. axum 0.7's `serve` gives no handle to its
-//! connections, and the pipe is what lets this server close a connection in
-//! the middle of a body, and drop every open connection on `stop()` so that
-//! an outage also cuts the daemon's pooled keep-alive connections.
+//! connections, so the pipe is what closes a connection in the middle of a
+//! body. It also drops every open connection on `stop()`, so that an outage
+//! cuts the daemon's pooled keep-alive connections too. It closes keep-alive
+//! connections that stay idle past a timeout, and it lets the server go down
+//! and up on a schedule (`start_flapping`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,8 @@ use axum::http::header::{self, HeaderMap};
 use axum::response::Response;
 use axum::Router;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::runtime::Runtime;
 use tokio::task::{AbortHandle, JoinHandle};
@@ -39,7 +43,14 @@ pub struct Reply {
     /// Drop the connection after the first chunk of the file part, so the
     /// client gets a reset while it is still sending.
     pub close_mid_body: bool,
+    /// Wait after each chunk of the file part, which makes a slow reader:
+    /// once the socket buffers are full, the client can send only as fast as
+    /// this server reads.
+    pub read_delay: Duration,
 }
+
+/// Response delay of `Reply::stall`: longer than any test runs.
+pub const STALL: Duration = Duration::from_secs(3600);
 
 impl Reply {
     pub fn status(status: u16) -> Reply {
@@ -49,6 +60,7 @@ impl Reply {
             body: format!("fault server: status {status} from the test policy\n"),
             delay: Duration::ZERO,
             close_mid_body: false,
+            read_delay: Duration::ZERO,
         }
     }
 
@@ -86,6 +98,17 @@ impl Reply {
 
     pub fn with_delay(mut self, delay: Duration) -> Reply {
         self.delay = delay;
+        self
+    }
+
+    /// Builds a 201 that is sent only after `STALL`, so the client's read
+    /// timeout ends the request first.
+    pub fn stall() -> Reply {
+        Reply::created().with_delay(STALL)
+    }
+
+    pub fn with_read_delay(mut self, per_chunk: Duration) -> Reply {
+        self.read_delay = per_chunk;
         self
     }
 }
@@ -162,6 +185,12 @@ pub struct RecordedRequest {
     pub body_error: Option<String>,
     /// Status that the policy chose; `None` when the connection was closed instead.
     pub status: Option<u16>,
+    /// Number of this request on its connection, from 1; 0 when the
+    /// connection was not known.
+    pub connection_request: usize,
+    /// Time the connection was idle between the previous request's end and
+    /// this request's start; `None` for a connection's first request.
+    pub idle_before: Option<Duration>,
 }
 
 impl RecordedRequest {
@@ -214,6 +243,14 @@ impl fmt::Display for RecordedRequest {
             self.body_complete,
             self.status,
         )?;
+        if let Some(idle) = self.idle_before {
+            write!(
+                f,
+                " conn_req={} idle_before={}ms",
+                self.connection_request,
+                idle.as_millis()
+            )?;
+        }
         if let Some(error) = &self.body_error {
             write!(f, " body_error={error:?}")?;
         }
@@ -226,10 +263,67 @@ struct Shared {
     requests: Mutex<Vec<RecordedRequest>>,
     next_seq: AtomicUsize,
     in_flight: AtomicUsize,
+    /// Requests recorded as accepted (`RecordedRequest::is_accepted`).
+    accepted: AtomicUsize,
     /// Open client connections, keyed by the peer address that the axum server
     /// gets from `ConnectInfo`, which is the pipe's local end.
-    connections: Mutex<HashMap<SocketAddr, AbortHandle>>,
+    connections: Mutex<HashMap<SocketAddr, Connection>>,
+    /// The task that accepts connections on the front port; `None` while down.
+    front: Mutex<Option<JoinHandle<()>>>,
+    port: AtomicU16,
+    backend_addr: SocketAddr,
+    /// Origin of the millisecond timestamps in `ConnectionState`.
+    epoch: Instant,
+    /// Idle keep-alive connections are closed after this many milliseconds; 0 never.
+    idle_timeout_ms: AtomicU64,
+    /// Set while flapping has the server down: the listener is closed, idle
+    /// connections are closed, and a request that starts is cut off.
+    down: AtomicBool,
+    idle_closes: AtomicUsize,
+    drain_closes: AtomicUsize,
+    down_cuts: AtomicUsize,
+    flaps: AtomicUsize,
+    /// Wait after each chunk of every file part, in microseconds, on top of
+    /// the reply's own `read_delay`. Tests change it while a body streams.
+    read_delay_us: AtomicU64,
+    /// File parts being received: request seq to (file name, bytes so far).
+    receiving: Mutex<HashMap<usize, (String, u64)>>,
 }
+
+/// One client connection, as the pipe and the handlers see it.
+struct Connection {
+    abort: AbortHandle,
+    state: Arc<ConnectionState>,
+}
+
+#[derive(Default)]
+struct ConnectionState {
+    /// Milliseconds since `Shared::epoch` of the last byte piped either way,
+    /// or of the end of a request's handler.
+    last_activity_ms: AtomicU64,
+    /// Handlers running for requests on this connection.
+    busy: AtomicUsize,
+    /// Requests started on this connection.
+    requests: AtomicUsize,
+    /// Milliseconds since `Shared::epoch` when the last handler ended.
+    last_end_ms: AtomicU64,
+    /// Set when the server closes the connection: nothing more is forwarded.
+    cut: AtomicBool,
+}
+
+/// Quiet time after which a connection is closed while the server is down.
+/// A response is piped to the client within microseconds of its handler's
+/// end on an idle machine; the margin covers a pipe task that the scheduler
+/// starves on a busy one, which would otherwise lose an accepted upload's
+/// response and cause a repeat that no crash explains.
+const DRAIN_QUIET: Duration = Duration::from_millis(200);
+
+/// How often a connection's idle watcher looks again while it has nothing to
+/// time, so that a changed idle timeout or a flap takes effect soon.
+const WATCH_TICK: Duration = Duration::from_millis(20);
+
+/// How long going up again waits for the front port to be free.
+const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Locks a mutex, ignoring poisoning: a panicking test thread must not hide
 /// the requests recorded so far from the failure report.
@@ -242,11 +336,61 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn close_connection(&self, peer: SocketAddr) -> bool {
         match lock(&self.connections).remove(&peer) {
-            Some(handle) => {
-                handle.abort();
+            Some(connection) => {
+                // The abort takes effect at the pipe's next await; the flag
+                // keeps the pipe from forwarding a byte before that.
+                connection.state.cut.store(true, Ordering::SeqCst);
+                connection.abort.abort();
                 true
             }
             None => false,
+        }
+    }
+
+    fn connection_state(&self, peer: SocketAddr) -> Option<Arc<ConnectionState>> {
+        lock(&self.connections)
+            .get(&peer)
+            .map(|connection| connection.state.clone())
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Binds the front port and starts accepting; retries while the port is
+    /// still held by the listener of a previous start.
+    async fn go_up(self: &Arc<Self>) -> io::Result<()> {
+        let port = self.port.load(Ordering::SeqCst);
+        let deadline = Instant::now() + REBIND_TIMEOUT;
+        let listener = loop {
+            match bind_front(port) {
+                Ok(listener) => break listener,
+                Err(err) if Instant::now() < deadline => {
+                    let _ = err;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        self.port
+            .store(listener.local_addr()?.port(), Ordering::SeqCst);
+        self.down.store(false, Ordering::SeqCst);
+        let task = tokio::spawn(accept_loop(listener, self.clone(), self.backend_addr));
+        *lock(&self.front) = Some(task);
+        Ok(())
+    }
+
+    /// Closes the listener and lets open connections drain: each closes once
+    /// it is idle, and a request that starts on one is cut off.
+    async fn go_down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.flaps.fetch_add(1, Ordering::SeqCst);
+        let front = lock(&self.front).take();
+        if let Some(front) = front {
+            front.abort();
+            // Wait for the task to drop its listener, so that the port
+            // refuses connections from here on.
+            let _ = front.await;
         }
     }
 }
@@ -256,10 +400,8 @@ impl Shared {
 pub struct FaultServer {
     runtime: Option<Runtime>,
     shared: Arc<Shared>,
-    port: u16,
-    backend_addr: SocketAddr,
-    front: Option<JoinHandle<()>>,
     backend: JoinHandle<()>,
+    flapper: Option<JoinHandle<()>>,
 }
 
 impl FaultServer {
@@ -282,6 +424,10 @@ impl FaultServer {
             .enable_all()
             .build()
             .expect("building the fault server's tokio runtime failed");
+        let backend_listener = runtime.block_on(async {
+            bind_loopback(0).expect("binding the fault server's backend on 127.0.0.1:0 failed")
+        });
+        let backend_addr = backend_listener.local_addr().expect("backend address");
         let shared = Arc::new(Shared {
             policy: Mutex::new(Policy {
                 token: None,
@@ -292,34 +438,38 @@ impl FaultServer {
             requests: Mutex::new(Vec::new()),
             next_seq: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
+            front: Mutex::new(None),
+            port: AtomicU16::new(port),
+            backend_addr,
+            epoch: Instant::now(),
+            idle_timeout_ms: AtomicU64::new(0),
+            down: AtomicBool::new(false),
+            idle_closes: AtomicUsize::new(0),
+            drain_closes: AtomicUsize::new(0),
+            down_cuts: AtomicUsize::new(0),
+            flaps: AtomicUsize::new(0),
+            read_delay_us: AtomicU64::new(0),
+            receiving: Mutex::new(HashMap::new()),
         });
 
-        let (backend, backend_addr) = runtime.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("binding the fault server's backend on 127.0.0.1:0 failed");
-            let addr = listener.local_addr().expect("backend address");
-            let app = Router::new()
-                .fallback(handle_request)
-                .layer(DefaultBodyLimit::disable())
-                .with_state(shared.clone());
-            let service = app.into_make_service_with_connect_info::<SocketAddr>();
-            let task = tokio::spawn(async move {
-                if let Err(err) = axum::serve(listener, service).await {
-                    eprintln!("fault server: backend stopped: {err}");
-                }
-            });
-            (task, addr)
+        let app = Router::new()
+            .fallback(handle_request)
+            .layer(DefaultBodyLimit::disable())
+            .with_state(shared.clone());
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        let backend = runtime.spawn(async move {
+            if let Err(err) = axum::serve(backend_listener, service).await {
+                eprintln!("fault server: backend stopped: {err}");
+            }
         });
 
-        let mut server = FaultServer {
+        let server = FaultServer {
             runtime: Some(runtime),
             shared,
-            port,
-            backend_addr,
-            front: None,
             backend,
+            flapper: None,
         };
         server.listen();
         server
@@ -331,22 +481,16 @@ impl FaultServer {
             .expect("runtime is present until drop")
     }
 
-    fn listen(&mut self) {
-        let port = self.port;
-        let listener = self.runtime().block_on(async {
-            bind_front(port).unwrap_or_else(|err| panic!("binding 127.0.0.1:{port} failed: {err}"))
-        });
-        self.port = listener.local_addr().expect("front address").port();
+    fn listen(&self) {
         let shared = self.shared.clone();
-        let backend_addr = self.backend_addr;
-        self.front = Some(
-            self.runtime()
-                .spawn(accept_loop(listener, shared, backend_addr)),
-        );
+        let port = self.port();
+        self.runtime()
+            .block_on(shared.go_up())
+            .unwrap_or_else(|err| panic!("binding 127.0.0.1:{port} failed: {err}"));
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.shared.port.load(Ordering::SeqCst)
     }
 
     /// Returns the upload URL, `http://127.0.0.1:<port>/upload`.
@@ -355,13 +499,15 @@ impl FaultServer {
     }
 
     pub fn url_with_path(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, path)
+        format!("http://127.0.0.1:{}{}", self.port(), path)
     }
 
     /// Closes the listening socket and every open connection, so that the port
-    /// refuses connections until `restart()`.
+    /// refuses connections until `restart()`. Stops flapping first.
     pub fn stop(&mut self) {
-        if let Some(front) = self.front.take() {
+        self.abort_flapper();
+        let front = lock(&self.shared.front).take();
+        if let Some(front) = front {
             front.abort();
             // Wait for the task to drop its listener, so the port is free for
             // a restart right after this call.
@@ -369,7 +515,7 @@ impl FaultServer {
         }
         let handles: Vec<AbortHandle> = lock(&self.shared.connections)
             .drain()
-            .map(|(_, h)| h)
+            .map(|(_, connection)| connection.abort)
             .collect();
         for handle in handles {
             handle.abort();
@@ -379,15 +525,83 @@ impl FaultServer {
     /// Listens again on the same port after `stop()`.
     pub fn restart(&mut self) {
         assert!(
-            self.front.is_none(),
+            !self.is_running(),
             "restart() on a server that is running on port {}",
-            self.port
+            self.port()
         );
         self.listen();
     }
 
     pub fn is_running(&self) -> bool {
-        self.front.is_some()
+        lock(&self.shared.front).is_some()
+    }
+
+    /// Closes each keep-alive connection once it has been idle for `timeout`
+    /// (no byte either way and no request being handled), as servers with a
+    /// keep-alive timeout do. `None` keeps idle connections open.
+    pub fn set_idle_timeout(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |t| t.as_millis().max(1) as u64);
+        self.shared.idle_timeout_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Waits `per_chunk` after each chunk of every file part, including the
+    /// parts being read now, which makes every upload slow until it is set
+    /// back to zero.
+    pub fn set_read_delay(&self, per_chunk: Duration) {
+        let us = per_chunk.as_micros() as u64;
+        self.shared.read_delay_us.store(us, Ordering::SeqCst);
+    }
+
+    /// Connections closed by the idle timeout so far.
+    pub fn idle_closes(&self) -> usize {
+        self.shared.idle_closes.load(Ordering::SeqCst)
+    }
+
+    /// Goes down for `down` after every `up` of service, until
+    /// `stop_flapping` or `stop`. While down, the port refuses connections,
+    /// idle connections are closed, requests already being handled get their
+    /// response, and a request that starts on an open connection is cut off
+    /// before its body is read, so no upload is accepted without its response.
+    pub fn start_flapping(&mut self, up: Duration, down: Duration) {
+        self.abort_flapper();
+        let shared = self.shared.clone();
+        self.flapper = Some(self.runtime().spawn(async move {
+            loop {
+                tokio::time::sleep(up).await;
+                shared.go_down().await;
+                tokio::time::sleep(down).await;
+                if let Err(err) = shared.go_up().await {
+                    eprintln!("fault server: going up again failed: {err}");
+                    return;
+                }
+            }
+        }));
+    }
+
+    /// Stops flapping and leaves the server up.
+    pub fn stop_flapping(&mut self) {
+        self.abort_flapper();
+        if !self.is_running() {
+            self.listen();
+        }
+        self.shared.down.store(false, Ordering::SeqCst);
+    }
+
+    fn abort_flapper(&mut self) {
+        if let Some(flapper) = self.flapper.take() {
+            flapper.abort();
+            let _ = self.runtime().block_on(flapper);
+        }
+    }
+
+    /// Times the server went down while flapping.
+    pub fn flaps(&self) -> usize {
+        self.shared.flaps.load(Ordering::SeqCst)
+    }
+
+    /// Requests cut off because they started while the server was down.
+    pub fn down_cuts(&self) -> usize {
+        self.shared.down_cuts.load(Ordering::SeqCst)
     }
 
     pub fn set_token(&self, token: Option<&str>) {
@@ -425,10 +639,25 @@ impl FaultServer {
         lock(&self.shared.requests).len()
     }
 
+    /// Returns the number of accepted uploads, without copying the records.
+    pub fn accepted_count(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
     /// Returns the number of requests that have started and have not yet got a
     /// response or been dropped.
     pub fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Returns the bytes received so far of the file part named `file_name`
+    /// in requests still reading it (the largest, if several are).
+    pub fn bytes_in_progress(&self, file_name: &str) -> Option<u64> {
+        lock(&self.shared.receiving)
+            .values()
+            .filter(|(name, _)| name == file_name)
+            .map(|(_, bytes)| *bytes)
+            .max()
     }
 
     pub fn requests_for(&self, file_name: &str) -> Vec<RecordedRequest> {
@@ -448,11 +677,8 @@ impl FaultServer {
     /// Counts the accepted uploads per SHA-256 of the file part.
     pub fn deliveries(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
-        for request in self
-            .requests()
-            .iter()
-            .filter(|request| request.is_accepted())
-        {
+        let requests = lock(&self.shared.requests);
+        for request in requests.iter().filter(|request| request.is_accepted()) {
             let sha = request
                 .file()
                 .expect("accepted requests have a file part")
@@ -482,14 +708,20 @@ impl FaultServer {
 impl Drop for FaultServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            let lines: Vec<String> = self.requests().iter().map(ToString::to_string).collect();
+            let skipped = lines.len().saturating_sub(SUMMARY_TAIL_LINES);
             eprintln!(
-                "--- fault server on port {}: requests ---\n{}",
-                self.port,
-                self.summary()
+                "--- fault server on port {}: {} requests, first {skipped} skipped ---\n{}",
+                self.port(),
+                lines.len(),
+                lines[skipped..].join("\n")
             );
         }
+        if let Some(flapper) = self.flapper.take() {
+            flapper.abort();
+        }
         self.backend.abort();
-        if let Some(front) = self.front.take() {
+        if let Some(front) = lock(&self.shared.front).take() {
             front.abort();
         }
         // shutdown_background does not block, so dropping the server inside
@@ -500,11 +732,27 @@ impl Drop for FaultServer {
     }
 }
 
+/// Lines of the request summary printed when a test fails.
+const SUMMARY_TAIL_LINES: usize = 300;
+
+/// Receive buffer of the server's sockets. A fixed size turns off the
+/// kernel's autotuning, which can grow a buffer on loopback to tens of
+/// megabytes; then a slow reader would not slow the client down until the
+/// client had sent a whole large archive.
+const RECEIVE_BUFFER_BYTES: u32 = 128 * 1024;
+
 /// Binds 127.0.0.1:`port` with SO_REUSEADDR, so that a restart can take the
 /// same port while the connections of the previous listener are in TIME_WAIT.
 fn bind_front(port: u16) -> io::Result<TcpListener> {
+    bind_loopback(port)
+}
+
+/// Binds 127.0.0.1:`port` with a fixed receive buffer, which accepted
+/// sockets inherit.
+fn bind_loopback(port: u16) -> io::Result<TcpListener> {
     let socket = TcpSocket::new_v4()?;
     socket.set_reuseaddr(true)?;
+    socket.set_recv_buffer_size(RECEIVE_BUFFER_BYTES)?;
     socket.bind(SocketAddr::from(([127, 0, 0, 1], port)))?;
     socket.listen(1024)
 }
@@ -529,13 +777,23 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, backend_addr: S
         let Ok(key) = backend.local_addr() else {
             continue;
         };
+        let state = Arc::new(ConnectionState::default());
+        state
+            .last_activity_ms
+            .store(shared.now_ms(), Ordering::SeqCst);
 
         // The lock is held across the spawn, so the handle is registered
         // before the pipe forwards a byte that a handler could react to, and
         // before the pipe's guard can remove it.
         let mut connections = lock(&shared.connections);
-        let task = tokio::spawn(pipe(client, backend, shared.clone(), key));
-        connections.insert(key, task.abort_handle());
+        let task = tokio::spawn(pipe(client, backend, shared.clone(), key, state.clone()));
+        connections.insert(
+            key,
+            Connection {
+                abort: task.abort_handle(),
+                state,
+            },
+        );
     }
 }
 
@@ -551,19 +809,128 @@ impl Drop for ConnectionGuard {
     }
 }
 
-async fn pipe(mut client: TcpStream, mut backend: TcpStream, shared: Arc<Shared>, key: SocketAddr) {
-    let _guard = ConnectionGuard { shared, key };
-    // Either side ending or failing ends the pipe. Dropping both streams
-    // passes the close on to the other side.
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut backend).await;
+/// Copies bytes both ways until both sides are done, or until the idle
+/// watcher closes the connection. Dropping both streams passes the close on
+/// to the other side.
+async fn pipe(
+    client: TcpStream,
+    backend: TcpStream,
+    shared: Arc<Shared>,
+    key: SocketAddr,
+    state: Arc<ConnectionState>,
+) {
+    let _guard = ConnectionGuard {
+        shared: shared.clone(),
+        key,
+    };
+    if state.cut.load(Ordering::SeqCst) {
+        return;
+    }
+    let (client_read, client_write) = client.into_split();
+    let (backend_read, backend_write) = backend.into_split();
+    let both_ways = async {
+        tokio::join!(
+            copy_noting_activity(client_read, backend_write, &shared, &state),
+            copy_noting_activity(backend_read, client_write, &shared, &state),
+        )
+    };
+    tokio::select! {
+        // Bytes waiting to be piped go first, before the idle watcher.
+        biased;
+        _ = both_ways => {}
+        closed_because_down = close_when_idle(&shared, &state) => {
+            let counter = if closed_because_down { &shared.drain_closes } else { &shared.idle_closes };
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
-/// Decrements the in-flight count when a handler ends or hyper drops it.
-struct InFlightGuard(Arc<Shared>);
+/// Copies one direction of a connection and stamps each byte's passage in
+/// `state`. Ends at end of stream or on an error, after shutting down the
+/// writing side.
+async fn copy_noting_activity(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: &Shared,
+    state: &ConnectionState,
+) {
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if state.cut.load(Ordering::SeqCst) {
+            break;
+        }
+        state
+            .last_activity_ms
+            .store(shared.now_ms(), Ordering::SeqCst);
+        if to.write_all(&buffer[..n]).await.is_err() {
+            break;
+        }
+        state
+            .last_activity_ms
+            .store(shared.now_ms(), Ordering::SeqCst);
+    }
+    let _ = to.shutdown().await;
+}
+
+/// Returns when the connection should be closed: it has no request being
+/// handled and has been idle for the idle timeout, or for `DRAIN_QUIET` while
+/// the server is down. Returns true in the second case.
+async fn close_when_idle(shared: &Shared, state: &ConnectionState) -> bool {
+    loop {
+        let down = shared.down.load(Ordering::SeqCst);
+        let limit_ms = if down {
+            DRAIN_QUIET.as_millis() as u64
+        } else {
+            shared.idle_timeout_ms.load(Ordering::SeqCst)
+        };
+        if limit_ms == 0 || state.busy.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(WATCH_TICK).await;
+            continue;
+        }
+        let idle_ms = shared
+            .now_ms()
+            .saturating_sub(state.last_activity_ms.load(Ordering::SeqCst));
+        if idle_ms >= limit_ms {
+            return down;
+        }
+        let wait_ms = (limit_ms - idle_ms).min(WATCH_TICK.as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    }
+}
+
+/// Decrements the in-flight counts when a handler ends or hyper drops it,
+/// and stamps the connection's activity, so that the idle timeout counts from
+/// the end of the request rather than from its last body byte.
+struct InFlightGuard {
+    shared: Arc<Shared>,
+    connection: Option<Arc<ConnectionState>>,
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(state) = &self.connection {
+            let now = self.shared.now_ms();
+            state.last_end_ms.store(now, Ordering::SeqCst);
+            state.last_activity_ms.store(now, Ordering::SeqCst);
+            state.busy.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Removes a request's entry from `Shared::receiving` when its handler ends.
+struct ReceivingGuard<'a> {
+    shared: &'a Shared,
+    seq: usize,
+}
+
+impl Drop for ReceivingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.shared.receiving).remove(&self.seq);
     }
 }
 
@@ -589,6 +956,9 @@ impl Drop for PendingRecord {
                 record.body_error = Some("handler dropped before the body ended".to_string());
                 record.finished_at = Instant::now();
             }
+            if record.is_accepted() {
+                self.shared.accepted.fetch_add(1, Ordering::SeqCst);
+            }
             lock(&self.shared.requests).push(record);
         }
     }
@@ -606,7 +976,23 @@ async fn handle_request(
     request: Request,
 ) -> Response {
     shared.in_flight.fetch_add(1, Ordering::SeqCst);
-    let _in_flight = InFlightGuard(shared.clone());
+    let connection = shared.connection_state(peer);
+    let mut idle_before = None;
+    let mut connection_request = 0;
+    if let Some(state) = &connection {
+        state.busy.fetch_add(1, Ordering::SeqCst);
+        connection_request = state.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        if connection_request > 1 {
+            let idle_ms = shared
+                .now_ms()
+                .saturating_sub(state.last_end_ms.load(Ordering::SeqCst));
+            idle_before = Some(Duration::from_millis(idle_ms));
+        }
+    }
+    let _in_flight = InFlightGuard {
+        shared: shared.clone(),
+        connection,
+    };
     let now = Instant::now();
     let headers = request.headers();
     let record = RecordedRequest {
@@ -635,7 +1021,19 @@ async fn handle_request(
         body_complete: false,
         body_error: None,
         status: None,
+        connection_request,
+        idle_before,
     };
+    if shared.down.load(Ordering::SeqCst) {
+        // A server going down cuts off a request that arrives on a connection
+        // it has not closed yet; the body is never read, so nothing is accepted.
+        let mut record = record;
+        record.body_error = Some("cut off: the server is down (flapping)".to_string());
+        shared.down_cuts.fetch_add(1, Ordering::SeqCst);
+        lock(&shared.requests).push(record);
+        shared.close_connection(peer);
+        return plain_response(503, "the server is down");
+    }
     let authorized = lock(&shared.policy).is_authorized(record.authorization.as_deref());
     let mut pending = PendingRecord {
         shared: shared.clone(),
@@ -728,6 +1126,7 @@ async fn read_body(
         // close in the middle of the body must happen while the file streams.
         let chosen = lock(&shared.policy).choose(authorized, Some(&file_name));
         let close_mid_body = chosen.close_mid_body;
+        let chosen_read_delay = chosen.read_delay;
         if reply.is_none() {
             reply = Some(chosen);
         }
@@ -738,14 +1137,28 @@ async fn read_body(
             sha256: String::new(),
             size: 0,
         };
+        let read_delay = chosen_read_delay;
+        let _receiving = ReceivingGuard {
+            shared,
+            seq: record.seq,
+        };
+        lock(&shared.receiving).insert(record.seq, (part.file_name.clone(), 0));
         let mut hasher = Sha256::new();
         let error = loop {
             match field.chunk().await {
                 Ok(Some(chunk)) => {
                     hasher.update(&chunk);
                     part.size += chunk.len() as u64;
+                    if let Some(entry) = lock(&shared.receiving).get_mut(&record.seq) {
+                        entry.1 = part.size;
+                    }
                     if close_mid_body {
                         break None;
+                    }
+                    let global_us = shared.read_delay_us.load(Ordering::SeqCst);
+                    let delay = read_delay + Duration::from_micros(global_us);
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
                     }
                 }
                 Ok(None) => break None,

@@ -58,6 +58,26 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// Polls `condition` every `interval` until it returns true or `timeout`
+/// passes, for conditions that are cheap to check and must be seen soon.
+/// Returns whether it became true.
+pub fn wait_until_every(
+    timeout: Duration,
+    interval: Duration,
+    mut condition: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(interval);
+    }
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -71,6 +91,16 @@ pub fn archive(tag: &str, size: usize) -> Vec<u8> {
         data.extend_from_slice(&block);
         block = Sha256::digest(block);
     }
+    data.truncate(size);
+    outboxd::zipfile::stored_archive(&format!("{tag}.json"), &data)
+}
+
+/// Builds a stored zip archive of `size` bytes of content quickly, for
+/// archives of many megabytes: the content repeats one 32-byte block that
+/// depends on `tag`, so archives with different tags still differ.
+pub fn large_archive(tag: &str, size: usize) -> Vec<u8> {
+    let block = Sha256::digest(tag.as_bytes());
+    let mut data = block.as_slice().repeat(size / block.len() + 1);
     data.truncate(size);
     outboxd::zipfile::stored_archive(&format!("{tag}.json"), &data)
 }
@@ -146,6 +176,15 @@ impl Home {
         file.sync_all()
             .expect("syncing the temporary archive failed");
         drop(file);
+        fs::rename(&temp, self.outbox.join(name))
+            .expect("renaming the archive into the outbox failed");
+    }
+
+    /// Places an archive like `drop_zip`, without syncing it to disk first,
+    /// for large archives and bursts where the sync is only a cost.
+    pub fn drop_zip_unsynced(&self, name: &str, bytes: &[u8]) {
+        let temp = self.outbox.join(format!(".{name}.tmp"));
+        fs::write(&temp, bytes).expect("writing the temporary archive failed");
         fs::rename(&temp, self.outbox.join(name))
             .expect("renaming the archive into the outbox failed");
     }
@@ -334,6 +373,19 @@ impl Daemon {
         Daemon::start_in(Home::new(), args)
     }
 
+    /// Starts a daemon in `home` without waiting until it is ready; call
+    /// `wait_ready_within`.
+    pub fn spawn_in(home: Home, args: &[String]) -> Daemon {
+        let mut daemon = Daemon {
+            home,
+            args: args.to_vec(),
+            child: None,
+            starts: 0,
+        };
+        daemon.spawn();
+        daemon
+    }
+
     /// Starts a daemon in `home` and waits until it is ready. The outbox,
     /// state dir and token file flags come first; `args` follow them.
     pub fn start_in(home: Home, args: &[String]) -> Daemon {
@@ -404,10 +456,16 @@ impl Daemon {
     /// Waits until `status` reports `daemon.running == true` with this pid.
     /// Panics at once if the process exits first.
     pub fn wait_ready(&mut self) {
+        self.wait_ready_within(READY_TIMEOUT);
+    }
+
+    /// Waits like `wait_ready`, up to `timeout`, for a start that has much
+    /// to load first.
+    pub fn wait_ready_within(&mut self, timeout: Duration) {
         let pid = self.pid() as i64;
         let mut last = None;
         let mut exit = None;
-        wait_until(READY_TIMEOUT, || {
+        wait_until(timeout, || {
             let status = self.home.status();
             let running = status.flag("/daemon/running") == Some(true);
             let same_pid = status.number("/daemon/pid") == Some(pid);
@@ -421,7 +479,7 @@ impl Daemon {
         });
         if !ready || exit.is_some() {
             panic!(
-                "daemon pid {pid} did not become ready (timeout {READY_TIMEOUT:?}); process exit: {exit:?}; last status: {last:?}"
+                "daemon pid {pid} did not become ready (timeout {timeout:?}); process exit: {exit:?}; last status: {last:?}"
             );
         }
     }
@@ -462,6 +520,15 @@ impl Daemon {
 
     pub fn sighup(&self) {
         self.signal(libc::SIGHUP);
+    }
+
+    /// Stops the process with SIGSTOP, so that it runs no code until `sigcont`.
+    pub fn sigstop(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    pub fn sigcont(&self) {
+        self.signal(libc::SIGCONT);
     }
 
     fn signal(&self, signal: libc::c_int) {
