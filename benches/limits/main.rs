@@ -59,6 +59,10 @@ fn run() -> anyhow::Result<()> {
         ));
     }
 
+    if config.keep {
+        eprintln!("kept the temporary folders in {}", root.keep().display());
+    }
+
     println!();
     print!("{}", report::table(&figures));
     println!();

@@ -93,7 +93,7 @@ pub fn small_throughput(
     let timeout = Duration::from_secs(120) + Duration::from_millis(50) * count as u32;
     let (mut daemon_rates, mut reqwest_rates, mut curl_rates) = (vec![], vec![], vec![]);
     for run in 1..=config.runs {
-        let dir = support::temp_root_in(root, "small-run-")?;
+        let dir = support::temp_root_in(root, "small-run-", config.keep)?;
         let home = Home::create(&dir.path().join("daemon"))?;
 
         let mut receiver =
@@ -171,7 +171,7 @@ pub fn latency(
     )?;
     let (mut medians, mut p99s) = (vec![], vec![]);
     for run in 1..=config.runs {
-        let dir = support::temp_root_in(root, "latency-run-")?;
+        let dir = support::temp_root_in(root, "latency-run-", config.keep)?;
         let home = Home::create(&dir.path().join("daemon"))?;
         let mut receiver =
             WatchedReceiver::start(runtime, &dir.path().join("received"), &home.token_file)?;
@@ -215,7 +215,7 @@ pub fn big_archive(
     let (mut daemon_peaks, mut curl_peaks) = (vec![], vec![]);
     let (mut daemon_rates, mut curl_rates) = (vec![], vec![]);
     for run in 1..=config.runs {
-        let dir = support::temp_root_in(root, "big-run-")?;
+        let dir = support::temp_root_in(root, "big-run-", config.keep)?;
         let home = Home::create(&dir.path().join("daemon"))?;
         let mut receiver =
             WatchedReceiver::start(runtime, &dir.path().join("received"), &home.token_file)?;
@@ -229,7 +229,10 @@ pub fn big_archive(
         let daemon_rate = mib / (stored - started).as_secs_f64();
         daemon.stop()?;
         receiver.stop(runtime)?;
-        fs::remove_dir_all(dir.path().join("received"))?;
+        if !config.keep {
+            // A second copy of the big archive would double the disk space needed.
+            fs::remove_dir_all(dir.path().join("received"))?;
+        }
 
         let mut receiver =
             WatchedReceiver::start(runtime, &dir.path().join("received-curl"), &home.token_file)?;

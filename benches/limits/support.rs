@@ -48,6 +48,9 @@ pub struct BenchConfig {
     pub runs: usize,
     /// Length of the idle CPU reading (`OUTBOXD_BENCH_IDLE_SECS`).
     pub idle: Duration,
+    /// Keep the temporary folders, daemon logs included, for a look after the
+    /// run (`OUTBOXD_BENCH_KEEP=1`).
+    pub keep: bool,
     /// Figures to run (`OUTBOXD_BENCH_ONLY`, comma-separated: small, latency,
     /// big, pending); all when unset.
     pub only: Option<Vec<String>>,
@@ -70,6 +73,7 @@ impl BenchConfig {
             records: env_number("OUTBOXD_BENCH_RECORDS", 100_000)?,
             runs: env_number("OUTBOXD_BENCH_RUNS", 3)?.max(1),
             idle: Duration::from_secs(env_number("OUTBOXD_BENCH_IDLE_SECS", 10)? as u64),
+            keep: std::env::var("OUTBOXD_BENCH_KEEP").is_ok_and(|value| value == "1"),
             only,
         })
     }
@@ -184,10 +188,11 @@ pub fn temp_root(prefix: &str) -> anyhow::Result<TempDir> {
         .context("creating a temporary folder")
 }
 
-/// A temporary folder inside `parent`, removed when dropped.
-pub fn temp_root_in(parent: &Path, prefix: &str) -> anyhow::Result<TempDir> {
+/// A temporary folder inside `parent`, removed when dropped unless `keep`.
+pub fn temp_root_in(parent: &Path, prefix: &str, keep: bool) -> anyhow::Result<TempDir> {
     tempfile::Builder::new()
         .prefix(prefix)
+        .disable_cleanup(keep)
         .tempdir_in(parent)
         .with_context(|| format!("creating a temporary folder in {}", parent.display()))
 }
