@@ -40,7 +40,9 @@ pub struct QueueCounts {
 
 pub struct Queue {
     store: Store,
-    items: HashMap<u64, Record>,
+    /// Boxed, because a `Record` is about 190 bytes: a table of boxes keeps the
+    /// empty slots of the hash table small and makes its growth cheap.
+    items: HashMap<u64, Box<Record>>,
     by_name: HashMap<String, u64>,
     /// Pending items by (next attempt in ms since the epoch, id); 0 means due now.
     due: BTreeSet<(u64, u64)>,
@@ -81,7 +83,7 @@ impl Queue {
                     .due
                     .insert((record.next_attempt_at.unwrap_or(0), record.id));
             }
-            queue.items.insert(record.id, record);
+            queue.items.insert(record.id, Box::new(record));
         }
         Ok(queue)
     }
@@ -97,15 +99,15 @@ impl Queue {
     }
 
     pub fn get(&self, id: u64) -> Option<&Record> {
-        self.items.get(&id)
+        self.items.get(&id).map(Box::as_ref)
     }
 
     pub fn by_name(&self, file: &str) -> Option<&Record> {
-        self.by_name.get(file).and_then(|id| self.items.get(id))
+        self.by_name.get(file).and_then(|id| self.get(*id))
     }
 
     pub fn records(&self) -> impl Iterator<Item = &Record> {
-        self.items.values()
+        self.items.values().map(Box::as_ref)
     }
 
     /// Queues a file, or updates the record of a file of the same name whose
@@ -140,7 +142,7 @@ impl Queue {
         self.store.put(&record)?;
         self.by_name.insert(record.file.clone(), id);
         self.due.insert((0, id));
-        self.items.insert(id, record);
+        self.items.insert(id, Box::new(record));
         Ok(id)
     }
 
@@ -162,7 +164,7 @@ impl Queue {
         let record = self.items.get_mut(&id).expect("due set and items agree");
         record.state = ItemState::Uploading;
         self.store.put(record)?;
-        Ok(Some(record.clone()))
+        Ok(Some(Record::clone(record)))
     }
 
     /// Time of the earliest next attempt, if any item is pending.
@@ -257,7 +259,7 @@ impl Queue {
         record.uploaded_at = Some(now_ms());
         record.next_attempt_at = None;
         record.last_error = None;
-        let record = record.clone();
+        let record = Record::clone(record);
         self.store.mark_uploaded(&record)?;
         Ok(Some(record))
     }
@@ -274,7 +276,7 @@ impl Queue {
             self.by_name.remove(&record.file);
         }
         self.store.remove(id)?;
-        Ok(Some(record))
+        Ok(Some(*record))
     }
 
     /// Removes uploaded records older than `retention`. Returns how many.
