@@ -27,7 +27,7 @@ fn main() {
 fn run() -> anyhow::Result<()> {
     let config = support::BenchConfig::from_env()?;
     eprintln!("outboxd limits benchmark: {config:?}");
-    eprintln!("binary: {}", support::BIN);
+    eprintln!("binary: {}", support::binary().display());
     let load_before = load_average();
     let started = Instant::now();
 

@@ -20,9 +20,15 @@ use outboxd::receiver::{self, ReceiverHandle, ReceiverOptions};
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
-/// The binary under test. Cargo builds it with the bench profile (which
-/// inherits `release`) before it builds this benchmark.
-pub const BIN: &str = env!("CARGO_BIN_EXE_outboxd");
+/// The binary under test by default. Cargo builds it with the bench profile
+/// (which inherits `release`) before it builds this benchmark.
+const BUILT_BIN: &str = env!("CARGO_BIN_EXE_outboxd");
+
+/// The binary under test: `OUTBOXD_BENCH_BIN` when set, to compare another
+/// build under the same load, else the one Cargo built.
+pub fn binary() -> PathBuf {
+    std::env::var_os("OUTBOXD_BENCH_BIN").map_or_else(|| PathBuf::from(BUILT_BIN), PathBuf::from)
+}
 
 /// Bearer token of every receiver and daemon in the benchmark.
 pub const TOKEN: &str = "bench-upload-token-7d2e";
@@ -376,7 +382,7 @@ impl Home {
     /// `outboxd <subcommand>` with this home's environment: no `OUTBOXD_*`
     /// or `XDG_*` variable of the caller reaches it.
     pub fn command(&self, subcommand: &str) -> Command {
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(binary());
         command.arg(subcommand);
         for (name, _) in std::env::vars_os() {
             let text = name.to_string_lossy();
@@ -420,7 +426,7 @@ impl Home {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting {BIN} run"))?;
+            .with_context(|| format!("starting {} run", binary().display()))?;
         Ok(DaemonProcess {
             pid: child.id(),
             child,
