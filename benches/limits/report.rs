@@ -35,8 +35,12 @@ impl Figure {
         }
     }
 
+    /// Adds the baseline's values; none (baselines skipped) leaves the figure
+    /// without a baseline and a ratio target without a verdict.
     pub fn against(mut self, baseline: &str, values: Vec<f64>) -> Figure {
-        self.baseline = Some((baseline.to_string(), values));
+        if !values.is_empty() {
+            self.baseline = Some((baseline.to_string(), values));
+        }
         self
     }
 
@@ -51,11 +55,12 @@ impl Figure {
         (baseline > 0.0).then(|| median(&self.values) / baseline)
     }
 
-    /// `Some(true)` when the figure meets its target, `None` without one.
+    /// `Some(true)` when the figure meets its target, `None` without a target
+    /// or, for a ratio, without a baseline.
     pub fn passes(&self) -> Option<bool> {
         match self.target {
             Target::Below(limit) => Some(median(&self.values) < limit),
-            Target::RatioAtLeast(minimum) => Some(self.ratio().is_some_and(|r| r >= minimum)),
+            Target::RatioAtLeast(minimum) => self.ratio().map(|ratio| ratio >= minimum),
             Target::None => None,
         }
     }

@@ -107,6 +107,11 @@ pub fn small_throughput(
         wait_outbox_empty(&home, timeout)?;
         daemon.stop()?;
         receiver.stop(runtime)?;
+        daemon_rates.push(daemon_rate);
+        if !config.baselines {
+            eprintln!("small run {run}: daemon {daemon_rate:.0}/s");
+            continue;
+        }
 
         let mut receiver = WatchedReceiver::start(
             runtime,
@@ -136,7 +141,6 @@ pub fn small_throughput(
         eprintln!(
             "small run {run}: daemon {daemon_rate:.0}/s, reqwest {reqwest_rate:.0}/s, curl {curl_rate:.0}/s"
         );
-        daemon_rates.push(daemon_rate);
         reqwest_rates.push(reqwest_rate);
         curl_rates.push(curl_rate);
     }
@@ -233,6 +237,12 @@ pub fn big_archive(
             // A second copy of the big archive would double the disk space needed.
             fs::remove_dir_all(dir.path().join("received"))?;
         }
+        daemon_peaks.push(daemon_peak);
+        daemon_rates.push(daemon_rate);
+        if !config.baselines {
+            eprintln!("big run {run}: daemon {daemon_rate:.0} MiB/s peak RSS {daemon_peak:.1} MiB");
+            continue;
+        }
 
         let mut receiver =
             WatchedReceiver::start(runtime, &dir.path().join("received-curl"), &home.token_file)?;
@@ -252,9 +262,7 @@ pub fn big_archive(
         eprintln!(
             "big run {run}: daemon {daemon_rate:.0} MiB/s peak RSS {daemon_peak:.1} MiB, curl {curl_rate:.0} MiB/s peak RSS {curl_peak:.1} MiB"
         );
-        daemon_peaks.push(daemon_peak);
         curl_peaks.push(curl_peak);
-        daemon_rates.push(daemon_rate);
         curl_rates.push(curl_rate);
     }
     let label = format!("one archive of {mib:.0} MiB");

@@ -54,6 +54,9 @@ pub struct BenchConfig {
     pub runs: usize,
     /// Length of the idle CPU reading (`OUTBOXD_BENCH_IDLE_SECS`).
     pub idle: Duration,
+    /// Run the baselines (`OUTBOXD_BENCH_BASELINES=0` skips them, to compare
+    /// two builds of the daemon quickly).
+    pub baselines: bool,
     /// Keep the temporary folders, daemon logs included, for a look after the
     /// run (`OUTBOXD_BENCH_KEEP=1`).
     pub keep: bool,
@@ -79,6 +82,7 @@ impl BenchConfig {
             records: env_number("OUTBOXD_BENCH_RECORDS", 100_000)?,
             runs: env_number("OUTBOXD_BENCH_RUNS", 3)?.max(1),
             idle: Duration::from_secs(env_number("OUTBOXD_BENCH_IDLE_SECS", 10)? as u64),
+            baselines: std::env::var("OUTBOXD_BENCH_BASELINES").map_or(true, |value| value != "0"),
             keep: std::env::var("OUTBOXD_BENCH_KEEP").is_ok_and(|value| value == "1"),
             only,
         })
