@@ -218,6 +218,7 @@ pub fn big_archive(
     let timeout = Duration::from_secs(300) + Duration::from_secs_f64(mib);
     let (mut daemon_peaks, mut curl_peaks) = (vec![], vec![]);
     let (mut daemon_rates, mut curl_rates) = (vec![], vec![]);
+    let (mut daemon_cpus, mut curl_cpus) = (vec![], vec![]);
     for run in 1..=config.runs {
         let dir = support::temp_root_in(root, "big-run-", config.keep)?;
         let home = Home::create(&dir.path().join("daemon"))?;
@@ -225,11 +226,13 @@ pub fn big_archive(
             WatchedReceiver::start(runtime, &dir.path().join("received"), &home.token_file)?;
         let daemon = start_warm_daemon(&home, &mut receiver)?;
         let staged = link_into(std::slice::from_ref(&source), &home.staging)?;
+        let cpu_before = cpu_time(daemon.pid)?;
         let started = Instant::now();
         drop_all(&staged, &home.outbox)?;
         let stored = receiver.wait_for(&source.name, timeout)?;
         wait_outbox_empty(&home, timeout)?;
         let daemon_peak = proc_status_bytes(daemon.pid, "VmHWM")? as f64 / MIB;
+        let daemon_cpu = (cpu_time(daemon.pid)? - cpu_before).as_secs_f64();
         let daemon_rate = mib / (stored - started).as_secs_f64();
         daemon.stop()?;
         receiver.stop(runtime)?;
@@ -239,8 +242,11 @@ pub fn big_archive(
         }
         daemon_peaks.push(daemon_peak);
         daemon_rates.push(daemon_rate);
+        daemon_cpus.push(daemon_cpu);
         if !config.baselines {
-            eprintln!("big run {run}: daemon {daemon_rate:.0} MiB/s peak RSS {daemon_peak:.1} MiB");
+            eprintln!(
+                "big run {run}: daemon {daemon_rate:.0} MiB/s, CPU {daemon_cpu:.2} s, peak RSS {daemon_peak:.1} MiB"
+            );
             continue;
         }
 
@@ -250,20 +256,25 @@ pub fn big_archive(
         clients::write_curl_headers(&headers)?;
         let started = Instant::now();
         let child = clients::spawn_curl(&receiver.url(), &headers, &source)?;
-        let (code, curl_peak) = support::wait_with_peak_rss(child)?;
-        if code != 0 {
-            bail!("curl posting the big archive exited with {code}");
+        let usage = support::wait_with_usage(child)?;
+        if usage.exit_code != 0 {
+            bail!(
+                "curl posting the big archive exited with {}",
+                usage.exit_code
+            );
         }
         let stored = receiver.wait_for(&source.name, timeout)?;
         let curl_rate = mib / (stored - started).as_secs_f64();
         receiver.stop(runtime)?;
-        let curl_peak = curl_peak as f64 / MIB;
+        let curl_peak = usage.peak_rss_bytes as f64 / MIB;
+        let curl_cpu = usage.cpu.as_secs_f64();
 
         eprintln!(
-            "big run {run}: daemon {daemon_rate:.0} MiB/s peak RSS {daemon_peak:.1} MiB, curl {curl_rate:.0} MiB/s peak RSS {curl_peak:.1} MiB"
+            "big run {run}: daemon {daemon_rate:.0} MiB/s, CPU {daemon_cpu:.2} s, peak RSS {daemon_peak:.1} MiB; curl {curl_rate:.0} MiB/s, CPU {curl_cpu:.2} s, peak RSS {curl_peak:.1} MiB"
         );
         curl_peaks.push(curl_peak);
         curl_rates.push(curl_rate);
+        curl_cpus.push(curl_cpu);
     }
     let label = format!("one archive of {mib:.0} MiB");
     Ok(vec![
@@ -273,6 +284,7 @@ pub fn big_archive(
         Figure::new(format!("{label}, throughput"), "MiB/s", daemon_rates)
             .against("curl", curl_rates)
             .target(Target::RatioAtLeast(0.8)),
+        Figure::new(format!("{label}, client CPU"), "s", daemon_cpus).against("curl", curl_cpus),
     ])
 }
 

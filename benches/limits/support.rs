@@ -589,9 +589,16 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
 }
 
-/// Peak RSS of a child process that exited, from wait4's resource usage.
-/// Returns the exit status and the peak in bytes.
-pub fn wait_with_peak_rss(child: Child) -> anyhow::Result<(i32, u64)> {
+/// What a child process used, from wait4's resource usage.
+pub struct ChildUsage {
+    pub exit_code: i32,
+    pub peak_rss_bytes: u64,
+    /// User plus system CPU time.
+    pub cpu: Duration,
+}
+
+/// Waits for a child process and returns its exit code and resource usage.
+pub fn wait_with_usage(child: Child) -> anyhow::Result<ChildUsage> {
     let pid = child.id() as libc::pid_t;
     let mut status = 0;
     // SAFETY: rusage is plain old data, so all zero bytes is a valid value.
@@ -611,6 +618,13 @@ pub fn wait_with_peak_rss(child: Child) -> anyhow::Result<(i32, u64)> {
     } else {
         -1
     };
-    // ru_maxrss is in KiB on Linux.
-    Ok((code, usage.ru_maxrss as u64 * 1024))
+    let seconds = |time: libc::timeval| {
+        Duration::from_secs(time.tv_sec as u64) + Duration::from_micros(time.tv_usec as u64)
+    };
+    Ok(ChildUsage {
+        exit_code: code,
+        // ru_maxrss is in KiB on Linux.
+        peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+        cpu: seconds(usage.ru_utime) + seconds(usage.ru_stime),
+    })
 }
