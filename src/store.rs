@@ -225,9 +225,19 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// Writes every change to disk and waits until it is durable.
+    ///
+    /// Runs sled's blocking flush on Tokio's blocking pool instead of calling
+    /// `flush_async`, because sled 0.34 hands that to its own thread pool,
+    /// whose queue wakes every idle worker (`notify_all`) for each task.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
-        Ok(())
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(result) => result.map(drop).map_err(StoreError::from),
+            Err(err) => Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                format!("the flush task failed: {err}"),
+            )))),
+        }
     }
 
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
