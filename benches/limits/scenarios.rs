@@ -92,6 +92,7 @@ pub fn small_throughput(
     )?;
     let timeout = Duration::from_secs(120) + Duration::from_millis(50) * count as u32;
     let (mut daemon_rates, mut reqwest_rates, mut curl_rates) = (vec![], vec![], vec![]);
+    let mut daemon_cpus = vec![];
     for run in 1..=config.runs {
         let dir = support::temp_root_in(root, "small-run-", config.keep)?;
         let home = Home::create(&dir.path().join("daemon"))?;
@@ -100,16 +101,22 @@ pub fn small_throughput(
             WatchedReceiver::start(runtime, &dir.path().join("received"), &home.token_file)?;
         let daemon = start_warm_daemon(&home, &mut receiver)?;
         let staged = link_into(&sources, &home.staging)?;
+        let cpu_before = cpu_time(daemon.pid)?;
         let started = Instant::now();
         drop_all(&staged, &home.outbox)?;
         let finished = receiver.wait_count(count, timeout)?;
         let daemon_rate = count as f64 / (finished - started).as_secs_f64();
         wait_outbox_empty(&home, timeout)?;
+        // CPU per archive, in ms, over intake, upload and removal.
+        let daemon_cpu = (cpu_time(daemon.pid)? - cpu_before).as_secs_f64() * 1000.0 / count as f64;
         daemon.stop()?;
         receiver.stop(runtime)?;
         daemon_rates.push(daemon_rate);
+        daemon_cpus.push(daemon_cpu);
         if !config.baselines {
-            eprintln!("small run {run}: daemon {daemon_rate:.0}/s");
+            eprintln!(
+                "small run {run}: daemon {daemon_rate:.0}/s, CPU {daemon_cpu:.3} ms per archive"
+            );
             continue;
         }
 
@@ -139,7 +146,7 @@ pub fn small_throughput(
         receiver.stop(runtime)?;
 
         eprintln!(
-            "small run {run}: daemon {daemon_rate:.0}/s, reqwest {reqwest_rate:.0}/s, curl {curl_rate:.0}/s"
+            "small run {run}: daemon {daemon_rate:.0}/s, CPU {daemon_cpu:.3} ms per archive, reqwest {reqwest_rate:.0}/s, curl {curl_rate:.0}/s"
         );
         reqwest_rates.push(reqwest_rate);
         curl_rates.push(curl_rate);
@@ -158,6 +165,11 @@ pub fn small_throughput(
         .target(Target::RatioAtLeast(0.8)),
         Figure::new(format!("{label}, vs curl"), "archives/s", daemon_rates)
             .against("curl", curl_rates),
+        Figure::new(
+            format!("{label}, daemon CPU per archive"),
+            "ms",
+            daemon_cpus,
+        ),
     ])
 }
 
