@@ -82,7 +82,7 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The 1-minute load average from /proc/loadavg, or "?".
+/// Returns the 1-minute load average from /proc/loadavg, or "?".
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
@@ -90,7 +90,7 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-/// The first "model name" of /proc/cpuinfo, or "unknown CPU".
+/// Returns the first "model name" of /proc/cpuinfo, or "unknown CPU".
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-/// What a figure must meet.
+/// Target of a figure.
 #[derive(Debug, Clone, Copy)]
 pub enum Target {
     /// The median must be below this value.
@@ -71,8 +71,8 @@ pub fn median(values: &[f64]) -> f64 {
     percentile(values, 50.0)
 }
 
-/// The `p`th percentile of `values` with linear interpolation between ranks;
-/// 0 for an empty slice.
+/// Returns the `p`th percentile of `values` with linear interpolation between
+/// ranks, or 0 for an empty slice.
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
         return 0.0;

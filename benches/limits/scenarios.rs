@@ -1,6 +1,6 @@
 //! The four measurements behind the product's limits. Each run starts a fresh
 //! receiver folder and, for the daemon, a fresh state dir, so that no run
-//! sees the records or stored archives of another.
+//! finds the records or stored archives of another.
 
 use std::fs;
 use std::path::Path;
@@ -216,8 +216,9 @@ pub fn latency(
     ])
 }
 
-/// One big archive: the daemon's peak RSS while it queues and uploads it, and
-/// its throughput against `curl` posting the same file to the same receiver.
+/// Measures one big archive: the daemon's peak RSS and CPU while it queues and
+/// uploads it, and its throughput against `curl` posting the same file to the
+/// same receiver.
 pub fn big_archive(
     config: &BenchConfig,
     runtime: &Runtime,

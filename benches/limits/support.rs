@@ -24,8 +24,8 @@ use tempfile::TempDir;
 /// (which inherits `release`) before it builds this benchmark.
 const BUILT_BIN: &str = env!("CARGO_BIN_EXE_outboxd");
 
-/// The binary under test: `OUTBOXD_BENCH_BIN` when set, to compare another
-/// build under the same load, else the one Cargo built.
+/// Returns the binary under test: `OUTBOXD_BENCH_BIN` when set, to compare
+/// another build under the same load, else the one Cargo built.
 pub fn binary() -> PathBuf {
     std::env::var_os("OUTBOXD_BENCH_BIN").map_or_else(|| PathBuf::from(BUILT_BIN), PathBuf::from)
 }
@@ -198,7 +198,7 @@ pub fn temp_root(prefix: &str) -> anyhow::Result<TempDir> {
         .context("creating a temporary folder")
 }
 
-/// A temporary folder inside `parent`, removed when dropped unless `keep`.
+/// Creates a temporary folder inside `parent`, removed when dropped unless `keep`.
 pub fn temp_root_in(parent: &Path, prefix: &str, keep: bool) -> anyhow::Result<TempDir> {
     tempfile::Builder::new()
         .prefix(prefix)
@@ -340,7 +340,7 @@ impl WatchedReceiver {
     }
 }
 
-/// A URL on 127.0.0.1 where nothing listens, so that connections are refused.
+/// Returns a URL on 127.0.0.1 where nothing listens, so that connections are refused.
 pub fn refused_url() -> anyhow::Result<String> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").context("binding a port to find a free one")?;
@@ -471,7 +471,7 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Polls the control socket every 2 ms until the daemon answers a status
+    /// Polls the control socket every 2 ms until the daemon replies to a status
     /// request with `daemon.running`, and returns the time since the spawn.
     pub fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<Duration> {
         let deadline = self.started + timeout;
@@ -497,8 +497,8 @@ impl DaemonProcess {
         }
     }
 
-    /// Sends a status request over the control socket; `None` when the socket
-    /// does not answer (yet).
+    /// Sends a status request over the control socket. Returns `None` while no
+    /// daemon replies on it.
     pub fn request_status(&self) -> Option<serde_json::Value> {
         let mut stream = UnixStream::connect(&self.socket).ok()?;
         stream
@@ -546,7 +546,7 @@ impl Drop for DaemonProcess {
 // ---------------------------------------------------------------------------
 // /proc
 
-/// A `VmRSS`, `VmHWM` or other size field of /proc/PID/status, in bytes.
+/// Reads a `VmRSS`, `VmHWM` or other size field of /proc/PID/status, in bytes.
 pub fn proc_status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
@@ -589,7 +589,7 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_micros(ticks * 1_000_000 / per_second))
 }
 
-/// What a child process used, from wait4's resource usage.
+/// Resource usage of a child process that exited, from wait4.
 pub struct ChildUsage {
     pub exit_code: i32,
     pub peak_rss_bytes: u64,

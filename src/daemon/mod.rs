@@ -478,8 +478,8 @@ pub fn retry(shared: &Arc<Shared>, request: &RetryRequest) -> RetryResult {
     result
 }
 
-/// One line for `systemctl --user status`. The dispatcher builds it on every
-/// turn, so it reads only counts that cost O(1), not `Queue::counts`.
+/// Builds the one line for `systemctl --user status`. The dispatcher builds it
+/// on every turn, so it reads only counts that cost O(1), not `Queue::counts`.
 pub fn status_line(shared: &Shared) -> String {
     let core = shared.core();
     let auth = match core.auth.auth {
