@@ -4,8 +4,12 @@
 //! runs: pending items are ordered by their next attempt time, so that picking
 //! the next due item costs a logarithmic lookup even with 100,000 items.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasher;
 use std::time::Duration;
+
+use hashbrown::hash_table::{Entry, HashTable};
 
 use crate::store::{ItemState, Record, Store, StoreError, RECORD_VERSION};
 use crate::timefmt::now_ms;
@@ -40,8 +44,10 @@ pub struct QueueCounts {
 
 pub struct Queue {
     store: Store,
-    items: HashMap<u64, Record>,
-    by_name: HashMap<String, u64>,
+    /// Boxed, because a `Record` is about 190 bytes: a table of boxes keeps the
+    /// empty slots of the hash table small and makes its growth cheap.
+    items: HashMap<u64, Box<Record>>,
+    by_name: NameIndex,
     /// Pending items by (next attempt in ms since the epoch, id); 0 means due now.
     due: BTreeSet<(u64, u64)>,
 }
@@ -54,7 +60,7 @@ impl Queue {
         let mut queue = Queue {
             store,
             items: HashMap::new(),
-            by_name: HashMap::new(),
+            by_name: NameIndex::default(),
             due: BTreeSet::new(),
         };
         let horizon = now_ms() + max_delay.as_millis() as u64;
@@ -71,17 +77,18 @@ impl Queue {
             if dirty {
                 queue.store.put(&record)?;
             }
-            if let Some(old) = queue.by_name.insert(record.file.clone(), record.id) {
-                // Two records for one file name: keep the newer.
-                queue.items.remove(&old);
-                queue.store.remove(old)?;
-            }
             if record.state == ItemState::Pending {
                 queue
                     .due
                     .insert((record.next_attempt_at.unwrap_or(0), record.id));
             }
-            queue.items.insert(record.id, record);
+            let (id, file) = (record.id, record.file.clone());
+            queue.items.insert(id, Box::new(record));
+            if let Some(old) = queue.by_name.insert(&file, id, &queue.items) {
+                // Two records for one file name: keep the newer.
+                queue.items.remove(&old);
+                queue.store.remove(old)?;
+            }
         }
         Ok(queue)
     }
@@ -97,15 +104,17 @@ impl Queue {
     }
 
     pub fn get(&self, id: u64) -> Option<&Record> {
-        self.items.get(&id)
+        self.items.get(&id).map(Box::as_ref)
     }
 
     pub fn by_name(&self, file: &str) -> Option<&Record> {
-        self.by_name.get(file).and_then(|id| self.items.get(id))
+        self.by_name
+            .get(file, &self.items)
+            .and_then(|id| self.get(id))
     }
 
     pub fn records(&self) -> impl Iterator<Item = &Record> {
-        self.items.values()
+        self.items.values().map(Box::as_ref)
     }
 
     /// Queues a file, or updates the record of a file of the same name whose
@@ -138,9 +147,10 @@ impl Queue {
             uploaded_at: None,
         };
         self.store.put(&record)?;
-        self.by_name.insert(record.file.clone(), id);
         self.due.insert((0, id));
-        self.items.insert(id, record);
+        let file = record.file.clone();
+        self.items.insert(id, Box::new(record));
+        self.by_name.insert(&file, id, &self.items);
         Ok(id)
     }
 
@@ -166,7 +176,7 @@ impl Queue {
             return Err(err);
         }
         self.due.remove(&(at, id));
-        Ok(Some(record.clone()))
+        Ok(Some(Record::clone(record)))
     }
 
     /// Time of the earliest next attempt, if any item is pending.
@@ -261,7 +271,7 @@ impl Queue {
         record.uploaded_at = Some(now_ms());
         record.next_attempt_at = None;
         record.last_error = None;
-        let record = record.clone();
+        let record = Record::clone(record);
         self.store.mark_uploaded(&record)?;
         Ok(Some(record))
     }
@@ -274,11 +284,9 @@ impl Queue {
         if record.state == ItemState::Pending {
             self.due.remove(&(record.next_attempt_at.unwrap_or(0), id));
         }
-        if self.by_name.get(&record.file) == Some(&id) {
-            self.by_name.remove(&record.file);
-        }
+        self.by_name.remove(&record.file, id);
         self.store.remove(id)?;
-        Ok(Some(record))
+        Ok(Some(*record))
     }
 
     /// Writes the whole in-memory queue to the store and flushes it. After
@@ -346,6 +354,55 @@ impl Queue {
     pub fn pending_len(&self) -> usize {
         self.due.len()
     }
+}
+
+/// Item ids by file name. It holds only the ids and hashes each name from the
+/// item's record, so that the index keeps no second copy of every file name.
+/// Every id in it must have its record in the `items` map passed to `insert`,
+/// because growing the table hashes the names again.
+#[derive(Default)]
+struct NameIndex {
+    table: HashTable<u64>,
+    hasher: RandomState,
+}
+
+impl NameIndex {
+    fn get(&self, file: &str, items: &HashMap<u64, Box<Record>>) -> Option<u64> {
+        let hash = self.hasher.hash_one(file);
+        self.table
+            .find(hash, |id| file_of(items, *id) == Some(file))
+            .copied()
+    }
+
+    /// Points `file` at `id`, whose record is in `items` already. Returns the
+    /// id that `file` pointed at before.
+    fn insert(&mut self, file: &str, id: u64, items: &HashMap<u64, Box<Record>>) -> Option<u64> {
+        let hasher = &self.hasher;
+        let entry = self.table.entry(
+            hasher.hash_one(file),
+            |other| file_of(items, *other) == Some(file),
+            |other| hasher.hash_one(file_of(items, *other).unwrap_or_default()),
+        );
+        match entry {
+            Entry::Occupied(mut entry) => Some(std::mem::replace(entry.get_mut(), id)),
+            Entry::Vacant(entry) => {
+                entry.insert(id);
+                None
+            }
+        }
+    }
+
+    /// Removes `file` if it points at `id`.
+    fn remove(&mut self, file: &str, id: u64) {
+        let hash = self.hasher.hash_one(file);
+        if let Ok(entry) = self.table.find_entry(hash, |other| *other == id) {
+            entry.remove();
+        }
+    }
+}
+
+fn file_of(items: &HashMap<u64, Box<Record>>, id: u64) -> Option<&str> {
+    items.get(&id).map(|record| record.file.as_str())
 }
 
 /// Returns the session id of a file: its name without a `.zip` suffix (any case).
@@ -496,6 +553,32 @@ mod tests {
             queue.take_due(now, false).unwrap().is_none(),
             "near is not due"
         );
+    }
+
+    #[test]
+    fn by_name_finds_every_file_after_growth() {
+        let (_dir, mut queue) = open();
+        let ids: Vec<u64> = (0..1000)
+            .map(|i| queue.accept(facts(&format!("f{i}.zip"))).unwrap())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let found = queue.by_name(&format!("f{i}.zip")).map(|record| record.id);
+            assert_eq!(found, Some(*id), "f{i}.zip");
+        }
+        queue.remove(ids[7]).unwrap();
+        assert!(queue.by_name("f7.zip").is_none());
+        assert!(queue.by_name("f8.zip").is_some());
+    }
+
+    #[test]
+    fn accept_same_name_replaces_record() {
+        let (_dir, mut queue) = open();
+        let first = queue.accept(facts("a.zip")).unwrap();
+        let second = queue.accept(facts("a.zip")).unwrap();
+        assert_ne!(first, second);
+        assert!(queue.get(first).is_none());
+        assert_eq!(queue.by_name("a.zip").map(|record| record.id), Some(second));
+        assert_eq!(queue.counts().pending, 1);
     }
 
     #[test]

@@ -544,10 +544,10 @@ pub fn retry(shared: &Arc<Shared>, request: &RetryRequest) -> RetryResult {
     result
 }
 
-/// Returns the one-line state for `systemctl --user status`.
+/// Builds the one line for `systemctl --user status`. The dispatcher builds it
+/// on every turn, so it reads only counts that cost O(1), not `Queue::counts`.
 pub fn status_line(shared: &Shared) -> String {
     let core = shared.core();
-    let counts = core.queue.counts();
     let auth = match core.auth.auth {
         Auth::Held(kind) => format!("ON HOLD: {}", kind.as_str()),
         Auth::Ok => "auth ok".into(),
@@ -555,8 +555,8 @@ pub fn status_line(shared: &Shared) -> String {
     };
     format!(
         "{} pending, {} uploading; {auth}; destination {}",
-        counts.pending,
-        counts.uploading,
+        core.queue.pending_len(),
+        core.uploads.len(),
         core.destination.reach.as_str()
     )
 }
