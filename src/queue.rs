@@ -85,8 +85,13 @@ impl Queue {
             let (id, file) = (record.id, record.file.clone());
             queue.items.insert(id, Box::new(record));
             if let Some(old) = queue.by_name.insert(&file, id, &queue.items) {
-                // Two records for one file name: keep the newer.
-                queue.items.remove(&old);
+                // Two records for one file name: keep the newer, and drop the
+                // older one from the due set too, which must match `items`.
+                if let Some(older) = queue.items.remove(&old) {
+                    if older.state == ItemState::Pending {
+                        queue.due.remove(&(older.next_attempt_at.unwrap_or(0), old));
+                    }
+                }
                 queue.store.remove(old)?;
             }
         }
@@ -586,5 +591,40 @@ mod tests {
         assert_eq!(session_id_of("abc.zip"), "abc");
         assert_eq!(session_id_of("abc.ZIP"), "abc");
         assert_eq!(session_id_of("abc.tar"), "abc.tar");
+    }
+
+    #[test]
+    fn duplicate_name_records_load_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for id in [1, 2] {
+                let mut record = Record {
+                    v: RECORD_VERSION,
+                    id,
+                    file: "same.zip".into(),
+                    size: 10,
+                    mtime_ns: id as i128,
+                    inode: 9,
+                    sha256: "ab".into(),
+                    session_id: "same".into(),
+                    state: ItemState::Pending,
+                    attempts: 0,
+                    next_attempt_at: None,
+                    last_error: None,
+                    queued_at: 1,
+                    uploaded_at: None,
+                };
+                record.attempts = id as u32;
+                store.put(&record).unwrap();
+            }
+            store.flush_blocking().unwrap();
+        }
+        let mut queue =
+            Queue::load(Store::open(dir.path()).unwrap(), Duration::from_secs(300)).unwrap();
+        assert_eq!(queue.counts().pending, 1);
+        let taken = queue.take_due(now_ms(), false).unwrap().unwrap();
+        assert_eq!(taken.id, 2, "the newer record is kept");
+        assert!(queue.take_due(now_ms(), false).unwrap().is_none());
     }
 }
