@@ -771,7 +771,8 @@ fn numbered(name: &OsStr, n: u32) -> OsString {
     }
 }
 
-fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+/// Renames `from` to `to` unless `to` exists, which fails with `AlreadyExists`.
+pub fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     use std::ffi::CString;
     let from_c = CString::new(from.as_os_str().as_bytes())?;
     let to_c = CString::new(to.as_os_str().as_bytes())?;

@@ -7,10 +7,8 @@
 //! that a file already there is never replaced. The outbox folder is flushed
 //! last, so that the new name survives a crash.
 
-use std::ffi::CString;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -163,7 +161,7 @@ fn place(source: &Path, placement: &Placement) -> Result<PathBuf, String> {
     } else {
         copy_into(&mut file, &before, &temp.path, source)?;
     }
-    match rename_no_replace(&temp.path, &target) {
+    match crate::intake::rename_no_replace(&temp.path, &target) {
         Ok(()) => temp.disarm(),
         Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {
             let existing = fs::symlink_metadata(&target).ok();
@@ -313,35 +311,6 @@ fn copy_into(
         ));
     }
     Ok(())
-}
-
-/// Renames `from` to `to` unless `to` exists, which fails with `AlreadyExists`.
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    let from_c = CString::new(from.as_os_str().as_bytes())?;
-    let to_c = CString::new(to.as_os_str().as_bytes())?;
-    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from_c.as_ptr(),
-            libc::AT_FDCWD,
-            to_c.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    match err.raw_os_error() {
-        // Kernels or filesystems without RENAME_NOREPLACE: link() also fails
-        // when the target exists, and the unlink then removes the temporary name.
-        Some(libc::EINVAL | libc::ENOSYS) => {
-            fs::hard_link(from, to)?;
-            fs::remove_file(from)
-        }
-        _ => Err(err),
-    }
 }
 
 fn sync_folder(folder: &Path) -> io::Result<()> {

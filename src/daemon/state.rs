@@ -14,13 +14,13 @@ use crate::timefmt::now_ms;
 use crate::token::{Token, TokenLookup};
 use crate::upload::Uploader;
 
-/// Longest interval between reads of a missing or invalid token source.
+/// Maximum interval between reads of a missing or invalid token source.
 const TOKEN_CHECK_MS: u64 = 5000;
 
 /// Auth state, as `auth.state` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Auth {
-    /// No upload answered since start or since the last token or config change.
+    /// No upload response since start or since the last token or config change.
     Unknown,
     Ok,
     Held(HoldKind),
@@ -33,7 +33,7 @@ pub enum HoldOrigin {
     Settings,
     /// The token source: a token change or a periodic look ends it.
     TokenSource,
-    /// The server's answer: a probe ends it.
+    /// The server's response: a probe ends it.
     Server,
 }
 
@@ -137,8 +137,8 @@ pub struct Core {
     pub token: TokenState,
     pub queue: Queue,
     pub auth: AuthState,
-    /// Some server answered an upload since the auth state last became unknown,
-    /// without an auth fault; ends the one-at-a-time probing after a start.
+    /// The server responded to an upload, without an auth fault, since the auth
+    /// state last became unknown. This ends the one-at-a-time probing after a start.
     pub answered: bool,
     pub destination: DestinationState,
     pub uploads: HashMap<u64, InFlight>,
