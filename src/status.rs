@@ -23,6 +23,8 @@ pub struct StatusReport {
     /// The most recent error of any kind, for the text form.
     #[serde(default)]
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_error_at: Option<String>,
     /// Warnings that need no hold, such as a group-readable token file.
     #[serde(default)]
     pub warnings: Vec<String>,
@@ -250,7 +252,11 @@ pub fn render_text_with(report: &StatusReport, now: SystemTime, options: &Render
     if let Some(error) = &report.last_error {
         let repeated = report.auth.detail.as_deref() == Some(error.as_str());
         if !repeated {
-            line("last error", error);
+            let text = match relative(&report.last_error_at, now) {
+                Some(when) => format!("{error} ({when})"),
+                None => error.clone(),
+            };
+            line("last error", &text);
         }
     }
     for warning in &report.warnings {
@@ -488,6 +494,7 @@ mod tests {
             uploads: vec![],
             last_success_at: None,
             last_error: None,
+            last_error_at: None,
             warnings: vec![],
             outbox: String::new(),
             state_dir: String::new(),
@@ -605,5 +612,21 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(3 * 1024 * 1024 * 1024), "3.0 GiB");
+    }
+
+    #[test]
+    fn text_dates_last_error() {
+        let now = SystemTime::now();
+        let mut r = report(true, "ok", 0);
+        r.last_error = Some("a.zip: HTTP 500 Internal Server Error".into());
+        r.last_error_at =
+            Some(humantime::format_rfc3339_seconds(now - Duration::from_secs(125)).to_string());
+        let text = render_text(&r, now);
+        let line = text
+            .lines()
+            .find(|line| line.starts_with("last error"))
+            .unwrap_or_else(|| panic!("no last error line in:\n{text}"));
+        assert!(line.contains("HTTP 500"), "{line}");
+        assert!(line.contains("(2m5s ago)"), "{line}");
     }
 }

@@ -100,6 +100,7 @@ fn offline_report(settings: &Settings) -> StatusReport {
         uploads: Vec::new(),
         last_success_at: last_success.map(rfc3339),
         last_error: problem,
+        last_error_at: None,
         warnings: Vec::new(),
         outbox: settings.outbox.display().to_string(),
         state_dir: settings.state_dir.display().to_string(),

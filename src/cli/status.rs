@@ -205,6 +205,7 @@ mod tests {
             }],
             last_success_at: None,
             last_error: None,
+            last_error_at: None,
             warnings: vec![],
             outbox: String::new(),
             state_dir: String::new(),

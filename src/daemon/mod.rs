@@ -197,6 +197,7 @@ pub async fn run(launch: Launch, loaded: Loaded) -> Result<(), StartError> {
         bare_probe_in_flight: false,
         last_success_at: None,
         last_error: None,
+        last_error_at: None,
         last_logged_failure: None,
         shutting_down: false,
     };
@@ -628,6 +629,7 @@ pub fn status_report(shared: &Shared) -> StatusReport {
             .collect(),
         last_success_at: core.last_success_at.map(rfc3339),
         last_error: core.last_error.clone(),
+        last_error_at: core.last_error_at.map(rfc3339),
         warnings,
         outbox: core.settings.outbox.display().to_string(),
         state_dir: core.settings.state_dir.display().to_string(),
@@ -1079,6 +1081,7 @@ async fn complete(
                     tracing::debug!(id, file = %escape_for_log(&file), attempt = attempt_no, delay_ms = delay.as_millis() as u64, error = %detail, "upload failed again; retrying later");
                 }
                 core.last_error = Some(format!("{file}: {detail}"));
+                core.last_error_at = Some(now_ms());
                 if let Some(pause) = pause {
                     core.note_throttled(pause, &detail);
                 }
@@ -1126,6 +1129,7 @@ async fn complete(
                     }
                 }
                 core.last_error = Some(format!("{file}: {reason}"));
+                core.last_error_at = Some(now_ms());
             }
             Attempt::Local(LocalFault::Vanished) => {
                 tracing::info!(id, file = %escape_for_log(&file), "the file left the outbox before it was uploaded; its record is dropped");

@@ -146,6 +146,8 @@ pub struct Core {
     pub bare_probe_in_flight: bool,
     pub last_success_at: Option<u64>,
     pub last_error: Option<String>,
+    /// When `last_error` happened, in ms since the epoch.
+    pub last_error_at: Option<u64>,
     /// The last transient failure logged at WARN, so that repeats log at DEBUG.
     pub last_logged_failure: Option<String>,
     pub shutting_down: bool,
@@ -232,6 +234,7 @@ impl Core {
                 self.auth.since = Some(now);
             }
             self.last_error = Some(detail.clone());
+            self.last_error_at = Some(now);
         }
         self.auth.auth = Auth::Held(kind);
         self.auth.origin = origin;
@@ -317,6 +320,7 @@ impl Core {
         self.destination.next_attempt_at = Some(now + delay.as_millis() as u64);
         self.destination.last_error = Some(detail.to_string());
         self.last_error = Some(format!("server unreachable: {detail}"));
+        self.last_error_at = Some(now);
     }
 
     /// Pauses the whole destination for a server's `Retry-After`.
