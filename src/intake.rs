@@ -133,6 +133,13 @@ pub async fn start(
             )
         })?;
 
+    // The outbox's own deletion is reported late or not at all while the daemon
+    // holds it open (its lock), so the parent folder is watched for it too.
+    if let Some(parent) = config.outbox.parent() {
+        if let Err(err) = watcher.watch(parent, RecursiveMode::NonRecursive) {
+            tracing::debug!(folder = %parent.display(), error = %err, "watching the outbox's parent folder failed; a deleted outbox is noticed at the next rescan");
+        }
+    }
     let (request_tx, request_rx) = mpsc::unbounded_channel();
     let watched = folder_identity(&config.outbox);
     let mut intake = Intake {

@@ -1279,3 +1279,23 @@ fn second_daemon_on_same_outbox_exits() {
         "the lock left files in the outbox: {leftover:?}"
     );
 }
+
+#[test]
+fn deleted_outbox_is_watched_again() {
+    let server = FaultServer::start();
+    // An hour between rescans, so that only the watcher can find the file.
+    let daemon = start_daemon(&server, &["--rescan-ms", "3600000"]);
+    let outbox = daemon.home().outbox.clone();
+
+    fs::remove_dir_all(&outbox).expect("deleting the outbox");
+
+    let recreated = wait_until(Duration::from_secs(5), || outbox.is_dir());
+    assert!(
+        recreated,
+        "the outbox {} was not created again",
+        outbox.display()
+    );
+    let files = archives("after-delete", 2, 1024);
+    drop_all(daemon.home(), &files);
+    assert_all_delivered(&daemon, &server, &files, Duration::from_secs(10));
+}
