@@ -353,8 +353,8 @@ fn read_file(path: &Path, explicit: bool, problems: &mut Vec<String>) -> RawSett
             return RawSettings::default();
         }
     };
-    match toml::from_str::<RawSettings>(&text) {
-        Ok(raw) => raw,
+    let table = match toml::from_str::<toml::Table>(&text) {
+        Ok(table) => table,
         Err(err) => {
             let message = err.message().to_string();
             let line = err
@@ -362,12 +362,30 @@ fn read_file(path: &Path, explicit: bool, problems: &mut Vec<String>) -> RawSett
                 .map(|span| format!(" at line {}", text[..span.start].lines().count().max(1)))
                 .unwrap_or_default();
             problems.push(format!(
-                "config file {} is invalid{line}: {message}; fix it and send SIGHUP (or restart)",
+                "config file {} is invalid{line}: {message}; fix it and restart the daemon",
                 path.display()
             ));
-            RawSettings::default()
+            return RawSettings::default();
+        }
+    };
+    // Each key is checked alone, so that one unknown or invalid key is reported
+    // and the others (the folders above all) still apply.
+    let mut valid = toml::Table::new();
+    for (key, value) in table {
+        let mut single = toml::Table::new();
+        single.insert(key.clone(), value.clone());
+        match RawSettings::deserialize(toml::Value::Table(single)) {
+            Ok(_) => {
+                valid.insert(key, value);
+            }
+            Err(err) => problems.push(format!(
+                "config file {}: key {key:?} is invalid: {}; fix it and send SIGHUP (or restart)",
+                path.display(),
+                err.message().lines().next().unwrap_or_default()
+            )),
         }
     }
+    RawSettings::deserialize(toml::Value::Table(valid)).unwrap_or_default()
 }
 
 /// Makes a configured path absolute: a leading `~/`, `$HOME/` or `${HOME}/` is
@@ -687,6 +705,37 @@ mod tests {
         }
         assert!(
             !loaded.problems.iter().any(|p| p.contains("tenant")),
+            "{:?}",
+            loaded.problems
+        );
+    }
+
+    #[test]
+    fn unknown_key_keeps_other_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "outbox = \"/srv/outbox\"\nserverurl = \"oops\"\nconcurrency = \"two\"\nsettle_ms = 50\n",
+        )
+        .unwrap();
+        let loaded = load(
+            Some(&file),
+            RawSettings::default(),
+            env_of(&[("HOME", "/h")]),
+        );
+        assert_eq!(loaded.settings.outbox, PathBuf::from("/srv/outbox"));
+        assert_eq!(loaded.settings.settle, Duration::from_millis(50));
+        assert!(
+            loaded.problems.iter().any(|p| p.contains("\"serverurl\"")),
+            "{:?}",
+            loaded.problems
+        );
+        assert!(
+            loaded
+                .problems
+                .iter()
+                .any(|p| p.contains("\"concurrency\"")),
             "{:?}",
             loaded.problems
         );

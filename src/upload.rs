@@ -45,6 +45,10 @@ pub fn check_server_url(settings: &Settings) -> Result<reqwest::Url, String> {
     };
     let url = reqwest::Url::parse(text.trim())
         .map_err(|err| format!("server_url = {text:?} is not a valid URL: {err}; use a full URL such as https://uploads.example.com/upload"))?;
+    if !url.username().is_empty() || url.password().is_some() {
+        // The value is not repeated, because it contains a credential.
+        return Err("server_url contains a user name or password, which would replace the Bearer token and appear in logs and status; remove the user:password@ part".into());
+    }
     match url.scheme() {
         "https" => Ok(url),
         "http" if settings.allow_insecure_http || is_loopback(&url) => Ok(url),
@@ -525,6 +529,8 @@ mod tests {
             ("http://10.0.0.1/upload", false, false),
             ("ftp://127.0.0.1/", false, false),
             ("not a url", false, false),
+            ("http://user:pw@127.0.0.1/upload", false, false),
+            ("https://user@uploads.example.com/upload", false, false),
         ];
         for (url, insecure, ok) in cases {
             assert_eq!(

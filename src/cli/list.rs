@@ -47,7 +47,7 @@ struct QueueView {
 
 /// `outboxd list`. Returns 0, or 1 when the queue cannot be read.
 pub async fn list(locate: Locate, json: bool, state: Option<StateFilter>) -> i32 {
-    let settings = locate.load(None).settings;
+    let settings = locate.load_warning();
     let view = match read_queue(&settings).await {
         Ok(view) => view,
         Err(message) => {

@@ -48,6 +48,30 @@ impl Locate {
         };
         config::load_from_process(self.config.as_deref(), flags)
     }
+
+    /// Loads the settings for `status`, `list` and `retry`, and warns on stderr
+    /// about each config fault, because a fault can make them look at other
+    /// folders than the daemon's.
+    fn load_warning(&self) -> config::Settings {
+        let loaded = self.load(None);
+        // Only faults in the file or the environment can move the folders;
+        // server_url and token problems are the daemon's to report.
+        let faults: Vec<&String> = loaded
+            .problems
+            .iter()
+            .filter(|p| p.starts_with("config file") || p.starts_with("environment variable"))
+            .collect();
+        for problem in &faults {
+            eprintln!("warning: {problem}");
+        }
+        if !faults.is_empty() {
+            eprintln!(
+                "warning: using the state dir {}; pass --state-dir if the daemon uses another",
+                loaded.settings.state_dir.display()
+            );
+        }
+        loaded.settings
+    }
 }
 
 /// Item states that `list --state` selects.

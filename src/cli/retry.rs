@@ -8,7 +8,7 @@ use crate::daemon::RetryRequest;
 /// `outboxd retry`. Returns 0, or 1 when the daemon is not running, an id is
 /// unknown, or the request failed.
 pub async fn retry(locate: Locate, ids: Vec<u64>, rejected: bool) -> i32 {
-    let settings = locate.load(None).settings;
+    let settings = locate.load_warning();
     let request = Request::Retry(RetryRequest { ids, rejected });
     let result = match control::request(&settings.state_dir, &request).await {
         Ok(reply) => reply.retry.unwrap_or_default(),

@@ -16,7 +16,7 @@ const RATE_SMOOTHING: f64 = 0.5;
 
 /// `outboxd status`. Returns the exit code of `status::exit_code`, or 1.
 pub async fn status(locate: Locate, json: bool, watch: bool) -> i32 {
-    let settings = locate.load(None).settings;
+    let settings = locate.load_warning();
     if watch {
         return watch_status(&settings, json).await;
     }
