@@ -1195,3 +1195,35 @@ fn users_match(name: &str, uid: u32) -> bool {
         })
         .any(|(user, id)| user == name && id == uid)
 }
+
+#[test]
+fn enqueue_fifo_and_folder_are_refused() {
+    let sandbox = Sandbox::new();
+    let fifo = sandbox.path().join("src/pipe.zip");
+    let fifo_c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a valid NUL-terminated path.
+    assert_eq!(
+        unsafe { libc::mkfifo(fifo_c.as_ptr(), 0o600) },
+        0,
+        "mkfifo failed"
+    );
+    let folder = sandbox.path().join("src/folder.zip");
+    std::fs::create_dir(&folder).unwrap();
+
+    // Opening a fifo blocks until a writer comes: a regression shows as a hang.
+    let started = std::time::Instant::now();
+    let run = sandbox.run(&["enqueue", fifo.to_str().unwrap(), folder.to_str().unwrap()]);
+
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "enqueue took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(
+        run.stderr.contains("pipe.zip is not a regular file"),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("folder.zip is a folder"), "{run:?}");
+    assert!(!sandbox.outbox().exists(), "the outbox must stay untouched");
+}

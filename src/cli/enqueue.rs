@@ -104,6 +104,20 @@ fn place(source: &Path, placement: &Placement) -> Result<PathBuf, String> {
             "{shown}: names that start with a dot are never uploaded; rename the file"
         ));
     }
+    // Checked before the name rule, so that a folder is not told to rename
+    // itself, and before opening, because opening a fifo blocks.
+    if let Ok(target) = fs::metadata(source) {
+        if target.is_dir() {
+            return Err(format!(
+                "{shown} is a folder; give the path of a zip archive"
+            ));
+        }
+        if !target.is_file() {
+            return Err(format!(
+                "{shown} is not a regular file (a fifo, socket or device); give the path of a zip archive"
+            ));
+        }
+    }
     if !placement.include.is_match(name) {
         return Err(format!(
             "{shown}: the name does not match include = {:?}, so the daemon would ignore the file; rename it (for example to {text}.zip)",
@@ -126,9 +140,8 @@ fn place(source: &Path, placement: &Placement) -> Result<PathBuf, String> {
             "{shown} is not a regular file; give the path of a zip archive"
         ));
     }
-    // NOTE: zipfile::check_complete panics on files of 1 to 3 bytes (it slices
-    // 4 bytes of the tail before checking the length), so such files are
-    // refused here first. No zip archive is shorter than its 22-byte end record.
+    // No zip archive is shorter than its 22-byte end record, so a shorter file
+    // gets a plainer message than the zip check would give.
     if before.len() < MIN_ZIP_BYTES {
         return Err(format!(
             "{shown} was not enqueued: it has {} bytes, and no zip archive is shorter than {MIN_ZIP_BYTES} bytes",
