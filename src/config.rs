@@ -378,11 +378,21 @@ fn read_file(path: &Path, explicit: bool, problems: &mut Vec<String>) -> RawSett
             Ok(_) => {
                 valid.insert(key, value);
             }
-            Err(err) => problems.push(format!(
-                "config file {}: key {key:?} is invalid: {}; fix it and send SIGHUP (or restart)",
-                path.display(),
-                err.message().lines().next().unwrap_or_default()
-            )),
+            Err(err) => {
+                let message = err.message().lines().next().unwrap_or_default().to_string();
+                // serde lists every valid key after "expected one of", which
+                // buries the point; the example config documents them.
+                let problem = if message.starts_with("unknown field") {
+                    "it is not a setting of outboxd (see the example config for the keys)"
+                        .to_string()
+                } else {
+                    message
+                };
+                problems.push(format!(
+                    "config file {}: key {key:?} is invalid: {problem}; fix it and send SIGHUP (or restart)",
+                    path.display()
+                ));
+            }
         }
     }
     RawSettings::deserialize(toml::Value::Table(valid)).unwrap_or_default()
