@@ -6,7 +6,7 @@
 //! when it is renamed in. Where no close can be seen (files present at start,
 //! lost events), it counts as written when its size and mtime have not changed
 //! for `settle_ms`. A written file that is a complete zip archive is hashed and
-//! queued; one that is not is rejected once it was closed and unchanged for
+//! queued. One that is not is rejected once it was closed and unchanged for
 //! `settle_ms`, or unchanged for `reject_after_ms`. A file still being written
 //! is never opened for upload, rejected or moved.
 

@@ -295,7 +295,7 @@ impl Queue {
     }
 
     /// Writes the whole in-memory queue to the store and flushes it. After
-    /// `Store::reopen` the store holds an older state from disk, so every
+    /// `Store::reopen` the store contains an older state from disk, so every
     /// record is put and stored records that the queue dropped are removed.
     /// Ids handed out before the failure are never handed out again.
     pub fn rewrite_store(&self) -> Result<(), StoreError> {

@@ -47,7 +47,7 @@ pub const RECORD_VERSION: u32 = 1;
 /// sled's page cache. Its default is about 1 GB, far more than a queue of small
 /// records needs.
 /// NOTE: sled 0.34 does not keep its memory within this bound. After reading
-/// 100,000 records of about 330 bytes it holds about 45 MB, with any cache size
+/// 100,000 records of about 330 bytes it uses about 45 MB, with any cache size
 /// from 1 to 64 MiB (measured on Linux x86-64, see BENCHMARKS.md).
 const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 

@@ -354,7 +354,7 @@ async fn check_daemon(findings: &mut Findings, settings: &Settings) {
 }
 
 /// Reports the running daemon, and where it differs from these settings or
-/// holds the uploads.
+/// has put the uploads on hold.
 fn report_running_daemon(findings: &mut Findings, settings: &Settings, report: &StatusReport) {
     let uptime = report
         .daemon

@@ -104,7 +104,7 @@ fn place(source: &Path, placement: &Placement) -> Result<PathBuf, String> {
             "{shown}: names that start with a dot are never uploaded; rename the file"
         ));
     }
-    // Checked before the name rule, so that a folder is not told to rename
+    // Checked before the name rule, so that a folder gets no advice to rename
     // itself, and before opening, because opening a fifo blocks.
     if let Ok(target) = fs::metadata(source) {
         if target.is_dir() {

@@ -121,7 +121,7 @@ impl TokenState {
         }
     }
 
-    /// A comparable summary that never contains the token.
+    /// Returns a comparable summary of the token state, without the token itself.
     pub fn identity(&self) -> String {
         match self {
             TokenState::Ready { token, source, .. } => format!("{source} {}", token.fingerprint()),
@@ -259,7 +259,7 @@ impl Core {
         self.answered = false;
     }
 
-    /// Notes an answer from the server that was not an auth fault.
+    /// Records a server response that was not an auth fault.
     pub fn note_answer(&mut self, uploaded: bool) {
         self.answered = true;
         self.note_reached();
@@ -284,7 +284,7 @@ impl Core {
         }
     }
 
-    /// Notes that the server answered at all.
+    /// Records that the server responded at all.
     pub fn note_reached(&mut self) {
         let now = now_ms();
         match self.destination.reach {
